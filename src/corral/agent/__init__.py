@@ -1,0 +1,1 @@
+"""The agent's building blocks: task processes, health checks and resource detection."""

@@ -1,0 +1,93 @@
+"""How an agent reaches the servers.
+
+The agent depends only on ServerConnection. `corral dev` runs the agent in
+the server's process and uses LocalConnection, which calls the state
+directly; separate agent processes will use an implementation over the
+HTTP API with the same methods.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable
+
+from corral.state import State
+from corral.state.records import TASKS, AgentInfo, Check, KVEntry, Node, Service, Task
+from corral.types import CheckStatus
+
+
+class ServerConnection(abc.ABC):
+    @abc.abstractmethod
+    async def register(self, agent: AgentInfo, node: Node, checks: Iterable[Check]) -> None:
+        """Register the agent's resources and its catalog node with the node's checks."""
+
+    @abc.abstractmethod
+    async def assigned_tasks(self, node: str) -> tuple[list[Task], int]:
+        """Return the tasks placed on `node` and the index to wait on for changes."""
+
+    @abc.abstractmethod
+    async def wait_for_assignments(self, node: str, index: int, timeout: float) -> None:
+        """Return once the tasks may have changed after `index`, or after `timeout` seconds."""
+
+    @abc.abstractmethod
+    async def update_task(self, task_id: str, mutate: Callable[[Task], None]) -> Task | None:
+        """Apply `mutate` to the stored task; return the new record, or None when it is gone."""
+
+    @abc.abstractmethod
+    async def kv_get(self, key: str) -> tuple[KVEntry | None, int]:
+        """Return a KV entry (or None) and the index to wait on for changes to it."""
+
+    @abc.abstractmethod
+    async def wait_for_kv(self, key: str, index: int, timeout: float) -> None:
+        """Return once the key may have changed after `index`, or after `timeout` seconds."""
+
+    @abc.abstractmethod
+    async def register_service(self, service: Service, checks: Iterable[Check]) -> None: ...
+
+    @abc.abstractmethod
+    async def deregister_service(self, node: str, service_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def update_check(self, node: str, check_id: str, status: CheckStatus, output: str) -> None: ...
+
+    @abc.abstractmethod
+    async def node_services(self, node: str) -> list[Service]: ...
+
+
+class LocalConnection(ServerConnection):
+    """A connection to the server in the same process."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    async def register(self, agent: AgentInfo, node: Node, checks: Iterable[Check]) -> None:
+        await self.state.register_agent(agent)
+        await self.state.register_node(node, checks)
+
+    async def assigned_tasks(self, node: str) -> tuple[list[Task], int]:
+        return self.state.tasks(node=node), self.state.view.index(TASKS)
+
+    async def wait_for_assignments(self, node: str, index: int, timeout: float) -> None:
+        # NOTE: this wakes on a change to any task, not only this node's; fine for one agent.
+        await self.state.view.wait_for_change(TASKS, index, timeout)
+
+    async def update_task(self, task_id: str, mutate: Callable[[Task], None]) -> Task | None:
+        return await self.state.update_task(task_id, mutate)
+
+    async def kv_get(self, key: str) -> tuple[KVEntry | None, int]:
+        return self.state.kv_get(key), self.state.kv_index(key)
+
+    async def wait_for_kv(self, key: str, index: int, timeout: float) -> None:
+        await self.state.wait_for_kv(key, index, timeout)
+
+    async def register_service(self, service: Service, checks: Iterable[Check]) -> None:
+        await self.state.register_service(service, checks)
+
+    async def deregister_service(self, node: str, service_id: str) -> None:
+        await self.state.deregister_service(node, service_id)
+
+    async def update_check(self, node: str, check_id: str, status: CheckStatus, output: str) -> None:
+        await self.state.update_check(node, check_id, status, output)
+
+    async def node_services(self, node: str) -> list[Service]:
+        return self.state.services(node)

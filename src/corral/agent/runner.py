@@ -1,0 +1,308 @@
+"""The supervision of one task on its agent, from its ports and environment to its exit.
+
+One TaskRunner per task: it records the task's ports, renders its
+environment from the KV store (waiting while a key is missing), launches
+the process, registers the service instance and runs its check, and
+restarts the process in place with a growing delay when it exits. The
+same task id, instance and service ID survive every restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from corral.agent.checks import CheckResult, CheckRunner, http_check, tcp_check
+from corral.agent.connection import ServerConnection
+from corral.agent.process import LaunchError, LaunchSpec, RestartBackoff, TaskProcess
+from corral.agent.resources import PortAllocator
+from corral.duration import format_duration
+from corral.jobspec import CheckKind, Job, parse_job
+from corral.state.records import Check, Service, Task
+from corral.types import CheckStatus, TaskState
+
+log = logging.getLogger(__name__)
+
+# Variables passed through from the agent's own environment to every task.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentContext:
+    """What every runner on one agent shares."""
+
+    node: str
+    address: str
+    datacenter: str
+    sandboxes: Path
+    connection: ServerConnection
+    ports: PortAllocator
+    http: aiohttp.ClientSession
+
+
+def port_env_name(label: str) -> str:
+    return "CORRAL_PORT_" + label.upper().replace("-", "_")
+
+
+class TaskRunner:
+    def __init__(self, context: AgentContext, task: Task, ports: dict[str, int]):
+        self.context = context
+        self.task = task
+        self.job: Job = parse_job(task.spec)
+        self._ports = ports
+        self._stop_requested = asyncio.Event()
+        self._stop_reason = ""
+        self._process: TaskProcess | None = None
+        self._checks: CheckRunner | None = None
+        self._backoff = RestartBackoff()
+        self._runner: asyncio.Task | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self.task.id
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._runner is not None and self._runner.done()
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name=f"task {self.task_id}")
+
+    async def stop(self, reason: str) -> None:
+        """Stop the task's process, deregister its service and mark it KILLED with `reason`."""
+        if not self._stop_requested.is_set():
+            self._stop_reason = reason
+        self._stop_requested.set()
+        if self._runner is not None:
+            await self._runner
+
+    async def _run(self) -> None:
+        try:
+            await self._supervise()
+        except Exception as exc:
+            log.exception("task supervision failed task=%s job=%s", self.task_id, self.task.job)
+            await self._cleanup()
+            await self._transition(TaskState.ERROR, f"supervision failed: {exc}")
+
+    async def _supervise(self) -> None:
+        await self._assign_ports()
+        while not self._stop_requested.is_set():
+            env = await self._render_env()
+            if env is None:
+                break
+            started_at = time.monotonic()
+            exit_status = await self._run_once(env)
+            if exit_status is None:
+                break
+            await self._cleanup()
+            if self._stop_requested.is_set():
+                break
+            delay = self._backoff.next_delay(time.monotonic(), started_at)
+            restarts = self.task.restarts + 1
+            await self._transition(
+                TaskState.FAILED,
+                f"{exit_status}; restarting in {format_duration(delay)} (restart {restarts})",
+            )
+            if await self._sleep_unless_stopped(delay):
+                break
+            await self._update(restarts=restarts)
+        await self._cleanup()
+        await self._transition(TaskState.KILLED, self._stop_reason)
+
+    async def _run_once(self, env: dict[str, str]) -> str | None:
+        """Run the process once; return how it ended or failed to launch, or None when stopped."""
+        await self._transition(TaskState.STARTING, "launching")
+        spec = LaunchSpec(
+            task_id=self.task_id,
+            argv=[self.job.task.command, *self.job.task.args],
+            env=env,
+            cwd=self.job.task.workdir,
+            sandbox=self.context.sandboxes / self.task_id,
+            kill_timeout=self.job.task.kill_timeout,
+        )
+        self._process = TaskProcess(spec)
+        try:
+            pid = await self._process.start()
+        except LaunchError as exc:
+            self._process = None
+            return str(exc)
+        await self._transition(
+            TaskState.RUNNING,
+            f"running as pid {pid}",
+            pid=pid,
+            pid_create_time=self._process.create_time,
+        )
+        await self._register_service()
+        wait_exit = asyncio.ensure_future(self._process.wait())
+        wait_stop = asyncio.ensure_future(self._stop_requested.wait())
+        await asyncio.wait({wait_exit, wait_stop}, return_when=asyncio.FIRST_COMPLETED)
+        wait_stop.cancel()
+        if not wait_exit.done():
+            # Deregister first, so that clients stop finding the instance before it goes away.
+            await self._deregister_service()
+            await self._transition(TaskState.KILLING, "stopping")
+            await self._process.stop()
+            wait_exit.cancel()
+            return None
+        return wait_exit.result().describe()
+
+    async def _cleanup(self) -> None:
+        """Stop the check, deregister the service, and kill what is left of the process group."""
+        await self._deregister_service()
+        if self._process is not None and self._process.pid is not None:
+            await self._process.stop()
+        self._process = None
+
+    async def _sleep_unless_stopped(self, delay: float) -> bool:
+        """Sleep `delay` seconds; return True early if a stop was requested."""
+        try:
+            await asyncio.wait_for(self._stop_requested.wait(), delay)
+        except TimeoutError:
+            return False
+        return True
+
+    # Ports and environment
+
+    async def _assign_ports(self) -> None:
+        if self._ports != self.task.ports:
+            await self._update(ports=self._ports)
+
+    async def _render_env(self) -> dict[str, str] | None:
+        """Build the process environment; wait while a KV key it reads is missing.
+
+        Returns None when a stop is requested while waiting.
+        """
+        env = {name: os.environ[name] for name in INHERITED_ENV if name in os.environ}
+        for variable in self.job.task.env:
+            if variable.key is None:
+                env[variable.name] = variable.value or ""
+                continue
+            value = await self._wait_for_key(variable.key, variable.name)
+            if value is None:
+                return None
+            env[variable.name] = value
+        for label, port in self.task.ports.items():
+            env[port_env_name(label)] = str(port)
+        if len(self.task.ports) == 1:
+            env["PORT"] = str(next(iter(self.task.ports.values())))
+        env["CORRAL_TASK_ID"] = self.task_id
+        env["CORRAL_JOB"] = self.task.job
+        env["CORRAL_NODE"] = self.context.node
+        env["CORRAL_INSTANCE"] = str(self.task.instance)
+        env["CORRAL_SANDBOX"] = str(self.context.sandboxes / self.task_id)
+        return env
+
+    async def _wait_for_key(self, key: str, variable: str) -> str | None:
+        waiting_logged = False
+        while not self._stop_requested.is_set():
+            entry, index = await self.context.connection.kv_get(key)
+            if entry is not None:
+                return entry.value.decode("utf-8", errors="replace")
+            if not waiting_logged:
+                await self._transition(
+                    TaskState.STAGING, f"waiting for KV key {key!r} (for environment variable {variable})"
+                )
+                waiting_logged = True
+            wait = asyncio.ensure_future(self.context.connection.wait_for_kv(key, index, 30.0))
+            stop = asyncio.ensure_future(self._stop_requested.wait())
+            await asyncio.wait({wait, stop}, return_when=asyncio.FIRST_COMPLETED)
+            wait.cancel()
+            stop.cancel()
+        return None
+
+    # Service and check
+
+    def _service_port(self) -> int | None:
+        service = self.job.service
+        if service is None:
+            return None
+        return self.task.ports.get(service.port)
+
+    async def _register_service(self) -> None:
+        spec = self.job.service
+        port = self._service_port()
+        if spec is None or port is None:
+            return
+        ctx = self.context
+        service = Service(
+            node=ctx.node,
+            id=self.task_id,
+            name=spec.name,
+            address=ctx.address,
+            port=port,
+            tags=list(spec.tags),
+            meta={"corral-job": self.task.job, "corral-task": self.task_id},
+            task_id=self.task_id,
+        )
+        checks = []
+        if spec.check is not None:
+            checks.append(
+                Check(
+                    node=ctx.node,
+                    id=self._check_id,
+                    name=f"Service '{spec.name}' check",
+                    status=CheckStatus.CRITICAL,
+                    service_id=service.id,
+                    service_name=spec.name,
+                    type=spec.check.kind.value,
+                    interval=format_duration(spec.check.interval),
+                    timeout=format_duration(spec.check.timeout),
+                )
+            )
+        await ctx.connection.register_service(service, checks)
+        if spec.check is not None:
+            self._checks = CheckRunner(self._check_id, self._probe(port), spec.check.interval, self._on_check)
+            self._checks.start()
+
+    @property
+    def _check_id(self) -> str:
+        # Consul names a service's own check "service:<service id>".
+        return f"service:{self.task_id}"
+
+    def _probe(self, port: int):
+        check = self.job.service.check
+        address = self.context.address
+        if check.kind is CheckKind.HTTP:
+            url = f"http://{address}:{port}{check.path}"
+            return lambda: http_check(self.context.http, url, check.timeout)
+        return lambda: tcp_check(address, port, check.timeout)
+
+    async def _on_check(self, check_id: str, result: CheckResult) -> None:
+        await self.context.connection.update_check(self.context.node, check_id, result.status, result.output)
+
+    async def _deregister_service(self) -> None:
+        if self._checks is not None:
+            await self._checks.stop()
+            self._checks = None
+        if self.job.service is not None:
+            await self.context.connection.deregister_service(self.context.node, self.task_id)
+
+    # Task record
+
+    async def _update(self, **fields) -> None:
+        def apply(task: Task) -> None:
+            for name, value in fields.items():
+                setattr(task, name, value)
+
+        updated = await self.context.connection.update_task(self.task_id, apply)
+        if updated is not None:
+            self.task = updated
+
+    async def _transition(self, state: TaskState, message: str, **fields) -> None:
+        previous = self.task.state
+        await self._update(state=state, message=message, **fields)
+        if previous is not state:
+            log.info(
+                "task state changed task=%s job=%s node=%s from=%s to=%s: %s",
+                self.task_id, self.task.job, self.context.node, previous.value, state.value, message,
+            )

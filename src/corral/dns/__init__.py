@@ -1,0 +1,1 @@
+"""Consul-compatible DNS interface to the service catalog."""

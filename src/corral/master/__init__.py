@@ -1,0 +1,1 @@
+"""The server side that turns jobs into tasks on agents."""

@@ -1,0 +1,257 @@
+"""Domain records and how each is encoded as a key and a value in the store.
+
+Key layout (every key is bytes, every record value is JSON):
+
+    kv/<key>                       a KV entry: a JSON header line, then the raw value
+    jobs/<job>                     a submitted job and its spec
+    jobstatus/<job>                the scheduler's placement results for a job
+    tasks/<task id>                a task: where it runs, its desired and actual state
+    agents/<node>                  an agent's resources
+    nodes/<node>                   a catalog node
+    services/<node>/<service id>   a catalog service instance
+    checks/<node>/<check id>       a catalog health check
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from corral.types import CheckStatus, DesiredState, TaskState
+
+KV = b"kv/"
+JOBS = b"jobs/"
+JOB_STATUS = b"jobstatus/"
+TASKS = b"tasks/"
+AGENTS = b"agents/"
+NODES = b"nodes/"
+SERVICES = b"services/"
+CHECKS = b"checks/"
+
+
+def kv_key(key: str) -> bytes:
+    return KV + key.encode()
+
+
+def job_key(name: str) -> bytes:
+    return JOBS + name.encode()
+
+
+def job_status_key(name: str) -> bytes:
+    return JOB_STATUS + name.encode()
+
+
+def task_key(task_id: str) -> bytes:
+    return TASKS + task_id.encode()
+
+
+def agent_key(node: str) -> bytes:
+    return AGENTS + node.encode()
+
+
+def node_key(node: str) -> bytes:
+    return NODES + node.encode()
+
+
+def service_key(node: str, service_id: str) -> bytes:
+    return SERVICES + f"{node}/{service_id}".encode()
+
+
+def check_key(node: str, check_id: str) -> bytes:
+    return CHECKS + f"{node}/{check_id}".encode()
+
+
+def encode(record: Any) -> bytes:
+    return orjson.dumps(dataclasses.asdict(record))
+
+
+@dataclass(slots=True)
+class KVEntry:
+    """A Consul KV entry; the indexes come from the store, the rest from the value."""
+
+    key: str
+    value: bytes
+    flags: int = 0
+    lock_index: int = 0
+    session: str = ""
+    create_index: int = 0
+    modify_index: int = 0
+
+    def encode(self) -> bytes:
+        header = {"flags": self.flags, "lock_index": self.lock_index, "session": self.session}
+        return orjson.dumps(header) + b"\n" + self.value
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes, create_index: int, modify_index: int) -> KVEntry:
+        header, _, value = raw.partition(b"\n")
+        fields = orjson.loads(header)
+        return cls(
+            key=key,
+            value=value,
+            flags=fields["flags"],
+            lock_index=fields["lock_index"],
+            session=fields["session"],
+            create_index=create_index,
+            modify_index=modify_index,
+        )
+
+
+@dataclass(slots=True)
+class Node:
+    name: str
+    address: str
+    datacenter: str
+    meta: dict[str, str] = field(default_factory=dict)
+    tagged_addresses: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Node:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(slots=True)
+class Service:
+    """A service instance in the catalog; `task_id` is set for instances corral runs."""
+
+    node: str
+    id: str
+    name: str
+    address: str
+    port: int
+    tags: list[str] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+    task_id: str = ""
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Service:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(slots=True)
+class Check:
+    node: str
+    id: str
+    name: str
+    status: CheckStatus
+    output: str = ""
+    notes: str = ""
+    service_id: str = ""
+    service_name: str = ""
+    type: str = ""
+    interval: str = ""
+    timeout: str = ""
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Check:
+        fields = orjson.loads(raw)
+        fields["status"] = CheckStatus(fields["status"])
+        return cls(**fields)
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A submitted job: its canonical spec and versions.
+
+    `version` grows with every change; `task_version` only when the task or
+    service part changes, so that scaling a job does not replace its tasks.
+    """
+
+    name: str
+    spec: dict[str, Any]
+    version: int
+    task_version: int
+    stopped: bool = False
+    submitted_at: float = 0.0
+
+    @classmethod
+    def decode(cls, raw: bytes) -> JobRecord:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(slots=True)
+class JobStatus:
+    """The scheduler's last word on a job: the instances it could not place, and why."""
+
+    name: str
+    unplaced: dict[str, str] = field(default_factory=dict)  # instance index -> reason
+
+    @classmethod
+    def decode(cls, raw: bytes) -> JobStatus:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(slots=True)
+class Task:
+    """One instance of a job placed on a node.
+
+    The scheduler creates the record and sets `desired`; the node's agent
+    updates the rest. `spec_version` is the job's `task_version` whose
+    spec the task runs.
+    """
+
+    id: str
+    job: str
+    instance: int
+    node: str
+    spec_version: int
+    desired: DesiredState
+    state: TaskState
+    cpus: float
+    memory: int
+    port_labels: list[str] = field(default_factory=list)
+    spec: dict[str, Any] = field(default_factory=dict)  # the job spec the task was placed from
+    ports: dict[str, int] = field(default_factory=dict)
+    pid: int | None = None
+    pid_create_time: float | None = None
+    message: str = ""
+    restarts: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Task:
+        fields = orjson.loads(raw)
+        fields["desired"] = DesiredState(fields["desired"])
+        fields["state"] = TaskState(fields["state"])
+        return cls(**fields)
+
+    @property
+    def holds_resources(self) -> bool:
+        """Whether the task's cpus, memory and ports count as used on its node."""
+        return not self.state.is_terminal
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "ID": self.id,
+            "Job": self.job,
+            "Instance": self.instance,
+            "Node": self.node,
+            "State": self.state.value,
+            "DesiredState": self.desired.value,
+            "Ports": self.ports,
+            "PID": self.pid,
+            "Message": self.message,
+            "Restarts": self.restarts,
+            "Resources": {"cpus": self.cpus, "memory": self.memory},
+            "JobVersion": self.spec_version,
+            "CreatedAt": self.created_at,
+            "UpdatedAt": self.updated_at,
+        }
+
+
+@dataclass(slots=True)
+class AgentInfo:
+    node: str
+    address: str
+    cpus: float
+    memory: int
+    disk: int
+    port_ranges: list[list[int]]
+    registered_at: float = 0.0
+
+    @classmethod
+    def decode(cls, raw: bytes) -> AgentInfo:
+        return cls(**orjson.loads(raw))

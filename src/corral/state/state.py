@@ -1,0 +1,366 @@
+"""The domain state: KV entries, jobs, tasks and the catalog, stored through the store.
+
+Every write goes to the store and then waits until the in-memory view has
+applied its revision, so a caller always reads its own writes. Every read
+comes from the view.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from corral.dns.server import DNSInstance
+from corral.jobspec import Job
+from corral.state import records
+from corral.state.records import (
+    AgentInfo,
+    Check,
+    JobRecord,
+    JobStatus,
+    KVEntry,
+    Node,
+    Service,
+    Task,
+    encode,
+)
+from corral.state.view import View
+from corral.store import Compare, CompareOp, CompareTarget, Delete, Put, Store, StoreError
+from corral.types import CheckStatus, DesiredState
+
+log = logging.getLogger(__name__)
+
+# How many times a read-modify-write of one record is retried on a conflict.
+_UPDATE_ATTEMPTS = 20
+
+
+class ConflictError(StoreError):
+    """A record changed under a read-modify-write more often than it could be retried."""
+
+
+class State:
+    def __init__(self, store: Store, datacenter: str = "dc1"):
+        self.store = store
+        self.datacenter = datacenter
+        self.view = View(store)
+
+    async def start(self) -> None:
+        await self.view.start()
+
+    async def stop(self) -> None:
+        await self.view.stop()
+
+    @property
+    def index(self) -> int:
+        return max(self.view.revision, 1)
+
+    async def _commit(self, compares, success) -> bool:
+        result = await self.store.txn(compares, success)
+        if result.succeeded and result.revision > self.view.revision:
+            await self.view.wait_for_revision(result.revision)
+        return result.succeeded
+
+    # Key/value
+
+    def kv_get(self, key: str) -> KVEntry | None:
+        kv = self.view.get(records.kv_key(key))
+        if kv is None:
+            return None
+        return KVEntry.decode(key, kv.value, kv.create_revision, kv.mod_revision)
+
+    def kv_list(self, prefix: str) -> list[KVEntry]:
+        offset = len(records.KV)
+        return [
+            KVEntry.decode(kv.key[offset:].decode(), kv.value, kv.create_revision, kv.mod_revision)
+            for kv in self.view.range(records.kv_key(prefix))
+        ]
+
+    def kv_index(self, key: str, recurse: bool = False) -> int:
+        if not recurse:
+            kv = self.view.get(records.kv_key(key))
+            if kv is not None:
+                return kv.mod_revision
+        return self.view.index(records.kv_key(key))
+
+    async def kv_put(self, key: str, value: bytes, flags: int = 0, cas: int | None = None) -> bool:
+        store_key = records.kv_key(key)
+        existing = self.kv_get(key)
+        entry = KVEntry(key, value, flags=flags)
+        if existing is not None:
+            # A plain write keeps the lock fields: locks in Consul's KV are advisory.
+            entry.lock_index = existing.lock_index
+            entry.session = existing.session
+        compares = []
+        if cas is not None:
+            compares.append(_mod_revision_is(store_key, cas))
+        elif existing is not None:
+            compares.append(_mod_revision_is(store_key, existing.modify_index))
+        else:
+            compares.append(_mod_revision_is(store_key, 0))
+        if await self._commit(compares, [Put(store_key, entry.encode())]):
+            return True
+        if cas is not None:
+            return False
+        # Someone wrote between our read and our write: retry with the new lock fields.
+        return await self.kv_put(key, value, flags)
+
+    async def kv_delete(self, key: str, recurse: bool = False, cas: int | None = None) -> bool:
+        store_key = records.kv_key(key)
+        compares = [] if cas is None else [_mod_revision_is(store_key, cas)]
+        return await self._commit(compares, [Delete(store_key, prefix=recurse)])
+
+    async def wait_for_kv(self, key: str, index: int, timeout: float) -> None:
+        await self.view.wait_for_change(records.kv_key(key), index, timeout)
+
+    # Jobs
+
+    def job(self, name: str) -> JobRecord | None:
+        kv = self.view.get(records.job_key(name))
+        return JobRecord.decode(kv.value) if kv else None
+
+    def jobs(self) -> list[JobRecord]:
+        return [JobRecord.decode(kv.value) for kv in self.view.range(records.JOBS)]
+
+    def job_status(self, name: str) -> JobStatus:
+        kv = self.view.get(records.job_status_key(name))
+        return JobStatus.decode(kv.value) if kv else JobStatus(name)
+
+    async def submit_job(self, job: Job) -> JobRecord:
+        """Store a job; a changed spec, or a stopped job run again, gets the next version."""
+        spec = job.to_dict()
+        key = records.job_key(job.name)
+        for _ in range(_UPDATE_ATTEMPTS):
+            kv = self.view.get(key)
+            current = JobRecord.decode(kv.value) if kv else None
+            if current is not None and current.spec == spec and not current.stopped:
+                return current
+            version = current.version + 1 if current else 1
+            task_version = 1
+            if current is not None:
+                same_task = _without_count(current.spec) == _without_count(spec)
+                task_version = current.task_version if same_task else current.task_version + 1
+            record = JobRecord(job.name, spec, version, task_version, submitted_at=time.time())
+            compare = _mod_revision_is(key, kv.mod_revision if kv else 0)
+            if await self._commit([compare], [Put(key, encode(record))]):
+                log.info("job submitted job=%s version=%d count=%d", job.name, version, job.count)
+                return record
+        raise ConflictError(f"job {job.name} changed concurrently {_UPDATE_ATTEMPTS} times; try again")
+
+    async def stop_job(self, name: str) -> JobRecord | None:
+        def mark(record: JobRecord) -> None:
+            record.stopped = True
+
+        record = await self._update(records.job_key(name), JobRecord.decode, mark)
+        if record is not None:
+            log.info("job stopped job=%s version=%d", name, record.version)
+        return record
+
+    async def put_job_status(self, status: JobStatus) -> bool:
+        """Store the scheduler's status of a job; return whether it changed."""
+        key = records.job_status_key(status.name)
+        kv = self.view.get(key)
+        if kv is not None and JobStatus.decode(kv.value) == status:
+            return False
+        if kv is None and not status.unplaced:
+            return False
+        await self._commit([], [Put(key, encode(status))])
+        return True
+
+    # Tasks
+
+    def task(self, task_id: str) -> Task | None:
+        kv = self.view.get(records.task_key(task_id))
+        return Task.decode(kv.value) if kv else None
+
+    def tasks(self, job: str | None = None, node: str | None = None) -> list[Task]:
+        found = []
+        for kv in self.view.range(records.TASKS):
+            task = Task.decode(kv.value)
+            if job is not None and task.job != job:
+                continue
+            if node is not None and task.node != node:
+                continue
+            found.append(task)
+        return found
+
+    async def put_tasks(self, tasks: Iterable[Task]) -> None:
+        """Create or overwrite task records in one transaction."""
+        now = time.time()
+        ops = []
+        for task in tasks:
+            task.updated_at = now
+            ops.append(Put(records.task_key(task.id), encode(task)))
+        if ops:
+            await self._commit([], ops)
+
+    async def update_task(self, task_id: str, mutate: Callable[[Task], None]) -> Task | None:
+        """Apply `mutate` to the current task record, retrying on conflicts; None if it is gone."""
+
+        def stamped(task: Task) -> None:
+            mutate(task)
+            task.updated_at = time.time()
+
+        return await self._update(records.task_key(task_id), Task.decode, stamped)
+
+    async def delete_tasks(self, task_ids: Iterable[str]) -> None:
+        ops = [Delete(records.task_key(task_id)) for task_id in task_ids]
+        if ops:
+            await self._commit([], ops)
+
+    async def set_desired(self, task_ids: Iterable[str], desired: DesiredState) -> None:
+        for task_id in task_ids:
+
+            def change(task: Task) -> None:
+                task.desired = desired
+
+            await self.update_task(task_id, change)
+
+    async def _update(self, key: bytes, decode, mutate):
+        for _ in range(_UPDATE_ATTEMPTS):
+            kv = self.view.get(key)
+            if kv is None:
+                return None
+            record = decode(kv.value)
+            mutate(record)
+            if await self._commit([_mod_revision_is(key, kv.mod_revision)], [Put(key, encode(record))]):
+                return record
+        raise ConflictError(f"record {key.decode()} changed concurrently {_UPDATE_ATTEMPTS} times")
+
+    # Agents
+
+    def agents(self) -> list[AgentInfo]:
+        return [AgentInfo.decode(kv.value) for kv in self.view.range(records.AGENTS)]
+
+    async def register_agent(self, agent: AgentInfo) -> None:
+        await self._commit([], [Put(records.agent_key(agent.node), encode(agent))])
+
+    # Catalog
+
+    def node(self, name: str) -> Node | None:
+        kv = self.view.get(records.node_key(name))
+        return Node.decode(kv.value) if kv else None
+
+    def nodes(self) -> list[Node]:
+        return [Node.decode(kv.value) for kv in self.view.range(records.NODES)]
+
+    def services(self, node: str | None = None) -> list[Service]:
+        prefix = records.SERVICES + (f"{node}/".encode() if node else b"")
+        return [Service.decode(kv.value) for kv in self.view.range(prefix)]
+
+    def checks(self, node: str | None = None) -> list[Check]:
+        prefix = records.CHECKS + (f"{node}/".encode() if node else b"")
+        return [Check.decode(kv.value) for kv in self.view.range(prefix)]
+
+    def service(self, node: str, service_id: str) -> Service | None:
+        kv = self.view.get(records.service_key(node, service_id))
+        return Service.decode(kv.value) if kv else None
+
+    def catalog_index(self) -> int:
+        return max(self.view.index(records.SERVICES), self.view.index(records.NODES), 1)
+
+    def health_index(self) -> int:
+        return max(self.catalog_index(), self.view.index(records.CHECKS))
+
+    async def register_node(self, node: Node, checks: Iterable[Check] = ()) -> None:
+        ops = [Put(records.node_key(node.name), encode(node))]
+        ops += [Put(records.check_key(node.name, check.id), encode(check)) for check in checks]
+        await self._commit([], ops)
+
+    async def register_service(self, service: Service, checks: Iterable[Check] = ()) -> None:
+        """Register a service instance with its checks, keeping the status of unchanged checks."""
+        ops = [Put(records.service_key(service.node, service.id), encode(service))]
+        for check in checks:
+            key = records.check_key(check.node, check.id)
+            existing = self.view.get(key)
+            if existing is not None:
+                previous = Check.decode(existing.value)
+                check.status, check.output = previous.status, previous.output
+            ops.append(Put(key, encode(check)))
+        await self._commit([], ops)
+        log.info("catalog service registered node=%s service=%s id=%s port=%d",
+                 service.node, service.name, service.id, service.port)
+
+    async def deregister_service(self, node: str, service_id: str) -> bool:
+        """Remove a service instance and the checks that belong to it."""
+        if self.service(node, service_id) is None:
+            return False
+        ops = [Delete(records.service_key(node, service_id))]
+        for check in self.checks(node):
+            if check.service_id == service_id:
+                ops.append(Delete(records.check_key(node, check.id)))
+        await self._commit([], ops)
+        log.info("catalog service deregistered node=%s id=%s", node, service_id)
+        return True
+
+    async def update_check(self, node: str, check_id: str, status: CheckStatus, output: str) -> bool:
+        """Store a check's result if it changed; return False when the check is not registered."""
+        key = records.check_key(node, check_id)
+        kv = self.view.get(key)
+        if kv is None:
+            return False
+        check = Check.decode(kv.value)
+        if check.status is status and check.output == output:
+            return True
+        previous = check.status
+        check.status, check.output = status, output
+        await self._commit([_mod_revision_is(key, kv.mod_revision)], [Put(key, encode(check))])
+        if previous is not status:
+            log.info("check status changed node=%s check=%s from=%s to=%s",
+                     node, check_id, previous.value, status.value)
+        return True
+
+    def service_instances_with_checks(self, name: str) -> list[tuple[Node, Service, list[Check]]]:
+        """Return each instance of a service (matched case-insensitively) with its node and checks.
+
+        The checks are the instance's own and its node's.
+        """
+        wanted = name.lower()
+        nodes = {node.name: node for node in self.nodes()}
+        checks_by_node: dict[str, list[Check]] = {}
+        for check in self.checks():
+            checks_by_node.setdefault(check.node, []).append(check)
+        found = []
+        for service in self.services():
+            if service.name.lower() != wanted:
+                continue
+            node = nodes.get(service.node)
+            if node is None:
+                continue
+            checks = [
+                check
+                for check in checks_by_node.get(service.node, [])
+                if check.service_id in ("", service.id)
+            ]
+            found.append((node, service, checks))
+        return found
+
+    # The DNSCatalog protocol
+
+    def service_instances(self, name: str, tag: str | None) -> list[DNSInstance]:
+        wanted_tag = tag.lower() if tag else None
+        instances = []
+        for node, service, checks in self.service_instances_with_checks(name):
+            if any(check.status is CheckStatus.CRITICAL for check in checks):
+                continue
+            if wanted_tag and wanted_tag not in (t.lower() for t in service.tags):
+                continue
+            instances.append(
+                DNSInstance(node.name, node.address, service.address, service.port, tuple(service.tags))
+            )
+        return instances
+
+    def node_address(self, name: str) -> str | None:
+        wanted = name.lower()
+        for node in self.nodes():
+            if node.name.lower() == wanted:
+                return node.address
+        return None
+
+
+def _without_count(spec: dict) -> dict:
+    return {field: value for field, value in spec.items() if field != "count"}
+
+
+def _mod_revision_is(key: bytes, revision: int) -> Compare:
+    return Compare(key, CompareTarget.MOD, CompareOp.EQUAL, revision)

@@ -1,0 +1,48 @@
+"""States shared by every layer, as enums so that no layer compares bare strings."""
+
+from __future__ import annotations
+
+import enum
+
+
+class TaskState(enum.StrEnum):
+    """A task's state, following Mesos's TaskState (without the TASK_ prefix)."""
+
+    STAGING = "STAGING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    KILLING = "KILLING"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+    ERROR = "ERROR"
+    LOST = "LOST"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL_TASK_STATES
+
+
+_TERMINAL_TASK_STATES = frozenset(
+    {TaskState.FINISHED, TaskState.KILLED, TaskState.ERROR, TaskState.LOST}
+)
+
+
+class DesiredState(enum.StrEnum):
+    """What the scheduler wants of a task; the agent converges its process on it."""
+
+    RUN = "run"
+    STOP = "stop"
+
+
+class CheckStatus(enum.StrEnum):
+    """A health check's status, spelled as Consul's API spells it."""
+
+    PASSING = "passing"
+    WARNING = "warning"
+    CRITICAL = "critical"
+    MAINTENANCE = "maintenance"
+
+
+class JobType(enum.StrEnum):
+    SERVICE = "service"
