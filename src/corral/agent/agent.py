@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
 from corral.agent.connection import ServerConnection
 from corral.agent.process import kill_process_group
-from corral.agent.resources import PortAllocator, PortsExhausted, detect_resources, ephemeral_port_overlap
+from corral.agent.resources import AgentResources, PortAllocator, PortsExhausted, detect_resources, ephemeral_port_overlap
 from corral.agent.runner import AgentContext, TaskRunner
 from corral.state.records import AgentInfo, Check, Node, Task
 from corral.types import CheckStatus, DesiredState, TaskState
@@ -38,6 +39,7 @@ class Agent:
         datacenter: str,
         data_dir: Path,
         port_range: tuple[int, int] = (20000, 32000),
+        resources_override: Callable[[AgentResources], AgentResources] | None = None,
     ):
         self.connection = connection
         self.node = node
@@ -45,6 +47,7 @@ class Agent:
         self.datacenter = datacenter
         self.data_dir = Path(data_dir)
         self.port_range = port_range
+        self._resources_override = resources_override
         self.runners: dict[str, TaskRunner] = {}
         self._loop_task: asyncio.Task | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -55,6 +58,8 @@ class Agent:
         if self._loop_task is not None:
             return
         resources = detect_resources(self.data_dir, self.port_range)
+        if self._resources_override is not None:
+            resources = self._resources_override(resources)
         overlap = ephemeral_port_overlap(resources.ports)
         if overlap is not None:
             log.warning(

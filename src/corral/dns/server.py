@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from dnslib import (
     AAAA,
@@ -575,7 +575,9 @@ class DNSServer:
     # Response assembly
 
     def _header(self, request: DNSRecord, rcode: int) -> DNSHeader:
-        bitmap = _FLAG_QR | _FLAG_AA | (request.header.bitmap & _FLAG_RD) | rcode
+        # The response copies the request's OPCODE and RD bit (RFC 1035 section 4.1.1).
+        copied = request.header.bitmap & ((_OPCODE_MASK << _OPCODE_SHIFT) | _FLAG_RD)
+        bitmap = _FLAG_QR | _FLAG_AA | copied | rcode
         return DNSHeader(id=request.header.id, bitmap=bitmap)
 
     def _finish(
@@ -671,8 +673,9 @@ class _UDPProtocol(asyncio.DatagramProtocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # No isinstance check: before Python 3.12 the selector loop's datagram transport
+        # does not subclass asyncio.DatagramTransport, although it implements sendto.
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         response = self._handle(data, addr, False)

@@ -158,6 +158,18 @@ class View:
             except TimeoutError:
                 return
 
+    async def wait_for_next_change(self, prefixes: tuple[bytes, ...], timeout: float) -> bool:
+        """Wait for the next write under any of `prefixes`; return False after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        for prefix in prefixes:
+            self._waiters.append((prefix, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def wait_for_revision(self, revision: int, timeout: float = 10.0) -> None:
         """Return once the view has applied `revision`, so a writer reads its own write."""
         if self.revision >= revision:

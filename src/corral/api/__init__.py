@@ -1,0 +1,43 @@
+"""The HTTP API: Consul's endpoints and corral's own, on one aiohttp application."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from corral.api import catalog, jobs, kv
+from corral.api.catalog import SERVER_INFO_KEY
+from corral.api.common import STATE_KEY, text_error
+from corral.state import State
+from corral.store import StoreError
+
+log = logging.getLogger(__name__)
+
+# Bodies larger than the biggest KV value plus room for a job definition are rejected.
+MAX_BODY_SIZE = kv.MAX_VALUE_SIZE + 64 * 1024
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except StoreError as exc:
+        log.error("request failed method=%s path=%s: store error: %s", request.method, request.path, exc)
+        raise text_error(500, f"store error: {exc}") from None
+    except Exception:
+        log.exception("request failed unexpectedly method=%s path=%s", request.method, request.path)
+        raise text_error(500, "internal error; see the server log") from None
+
+
+def build_app(state: State, node: str, rpc_addr: str) -> web.Application:
+    """Build the application serving `state`; `node` is the local agent's node name."""
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_SIZE)
+    app[STATE_KEY] = state
+    app[SERVER_INFO_KEY] = {"node": node, "rpc_addr": rpc_addr}
+    kv.add_routes(app)
+    catalog.add_routes(app)
+    jobs.add_routes(app)
+    return app

@@ -1,0 +1,149 @@
+"""Consul's key/value endpoint, `/v1/kv/<key>`.
+
+GET reads one key, or with `?recurse` every key that starts with the key as
+a raw string prefix, or with `?keys` only the key names (cut after
+`?separator`). PUT stores the body as the value and answers the JSON
+literal `true` or `false`; DELETE removes one key or a prefix. `?cas`
+makes a write conditional on the key's ModifyIndex, 0 meaning "only if
+absent".
+"""
+
+from __future__ import annotations
+
+import base64
+
+from aiohttp import web
+
+from corral.api.common import (
+    block,
+    flag_present,
+    json_response,
+    parse_uint,
+    set_index_headers,
+    state_of,
+    text_error,
+)
+from corral.state.records import KVEntry, kv_key
+
+# Consul's default limit on a KV value (kv_max_value_size).
+MAX_VALUE_SIZE = 512 * 1024
+
+
+def _key_of(request: web.Request, required: bool) -> str:
+    """Return the key from the path, decoded once, or raise 400 for a malformed one."""
+    key = request.match_info.get("key", "")
+    if required and key == "":
+        raise text_error(400, "Missing key name")
+    if key.startswith("/"):
+        raise text_error(400, f"Invalid key name {key!r}: a key must not start with '/'")
+    segments = key.split("/")
+    # A trailing '/' is allowed, as keys like "folder/" are common in Consul.
+    if any(segment == "" for segment in segments[:-1]) or ".." in segments:
+        raise text_error(400, f"Invalid key name {key!r}: empty segments and '..' are not allowed")
+    if "\x00" in key:
+        raise text_error(400, f"Invalid key name {key!r}: NUL is not allowed")
+    return key
+
+
+def _entry_to_api(entry: KVEntry) -> dict:
+    data = {
+        "LockIndex": entry.lock_index,
+        "Key": entry.key,
+        "Flags": entry.flags,
+        "Value": base64.b64encode(entry.value).decode() if entry.value else None,
+        "CreateIndex": entry.create_index,
+        "ModifyIndex": entry.modify_index,
+    }
+    if entry.session:
+        data["Session"] = entry.session
+    return data
+
+
+async def get_kv(request: web.Request) -> web.StreamResponse:
+    state = state_of(request)
+    key = _key_of(request, required=False)
+    recurse = flag_present(request, "recurse")
+    list_keys = "keys" in request.query
+    if list_keys and recurse:
+        raise text_error(400, "Conflicting flags: ?keys and ?recurse cannot be used together")
+    prefix_read = recurse or list_keys
+    if not prefix_read and key == "":
+        raise text_error(400, "Missing key name")
+
+    def current_index() -> int:
+        return state.kv_index(key, recurse=prefix_read)
+
+    index = await block(request, current_index, kv_key(key))
+    if list_keys:
+        return _keys_response(state.kv_list(key), key, request.query.get("separator", ""), index)
+    entries = state.kv_list(key) if recurse else [e for e in [state.kv_get(key)] if e is not None]
+    if not entries:
+        response = web.Response(status=404)
+        set_index_headers(response, index)
+        return response
+    if flag_present(request, "raw") and not recurse:
+        response = web.Response(body=entries[0].value, content_type="text/plain")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = "sandbox"
+        set_index_headers(response, index)
+        return response
+    return json_response([_entry_to_api(entry) for entry in entries], index=index)
+
+
+def _keys_response(entries: list[KVEntry], prefix: str, separator: str, index: int) -> web.Response:
+    names: list[str] = []
+    for entry in entries:
+        name = entry.key
+        if separator:
+            cut = name.find(separator, len(prefix))
+            if cut != -1:
+                name = name[: cut + len(separator)]
+        if not names or names[-1] != name:
+            names.append(name)
+    if not names:
+        response = web.Response(status=404)
+        set_index_headers(response, index)
+        return response
+    return json_response(names, index=index)
+
+
+async def put_kv(request: web.Request) -> web.Response:
+    state = state_of(request)
+    key = _key_of(request, required=True)
+    if "acquire" in request.query or "release" in request.query:
+        # NOTE: sessions and locks are not built yet; rejecting is better than ignoring them.
+        raise text_error(400, "Sessions are not supported yet: ?acquire and ?release are rejected")
+    flags = parse_uint(request, "flags", "Invalid flags: expected an unsigned 64-bit integer") or 0
+    cas = parse_uint(request, "cas", "Invalid cas index: expected an unsigned integer")
+    if request.content_length is not None and request.content_length > MAX_VALUE_SIZE:
+        raise _too_large(request.content_length)
+    value = await request.content.read(MAX_VALUE_SIZE + 1)
+    if len(value) > MAX_VALUE_SIZE:
+        raise _too_large(len(value))
+    stored = await state.kv_put(key, value, flags=flags, cas=cas)
+    return json_response(stored)
+
+
+def _too_large(size: int) -> web.HTTPException:
+    return text_error(
+        413,
+        f"Request body({size} bytes) too large, max size: {MAX_VALUE_SIZE} bytes. "
+        "See https://developer.hashicorp.com/consul/docs/agent/config/config-files#kv_max_value_size.",
+    )
+
+
+async def delete_kv(request: web.Request) -> web.Response:
+    state = state_of(request)
+    recurse = flag_present(request, "recurse")
+    key = _key_of(request, required=not recurse)
+    cas = parse_uint(request, "cas", "Invalid cas index: expected an unsigned integer")
+    if recurse and cas is not None:
+        raise text_error(400, "Conflicting flags: ?cas and ?recurse cannot be used together")
+    deleted = await state.kv_delete(key, recurse=recurse, cas=cas)
+    return json_response(deleted)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/kv/{key:.*}", get_kv)
+    app.router.add_put("/v1/kv/{key:.*}", put_kv)
+    app.router.add_delete("/v1/kv/{key:.*}", delete_kv)

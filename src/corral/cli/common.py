@@ -1,0 +1,33 @@
+"""Options and error handling that every client command shares."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from corral.cli.client import HTTP_ADDR_ENV, Client, ClientError
+
+
+def http_addr_option(command):
+    """Add --http-addr (from CORRAL_HTTP_ADDR) and pass a Client as `client`."""
+
+    @click.option(
+        "--http-addr",
+        envvar=HTTP_ADDR_ENV,
+        default="127.0.0.1:8500",
+        show_default=True,
+        help=f"HOST:PORT of the corral HTTP API; also read from {HTTP_ADDR_ENV}.",
+    )
+    @functools.wraps(command)
+    def wrapper(http_addr: str, **kwargs):
+        try:
+            client = Client(http_addr)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--http-addr") from None
+        try:
+            return command(client=client, **kwargs)
+        except ClientError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper

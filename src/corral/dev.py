@@ -1,0 +1,139 @@
+"""`corral dev`: a server and an agent in one process, on the embedded SQLite store.
+
+The parts start in the order of their dependencies (store, state view, job
+scheduler, HTTP and DNS listeners, agent) and stop in the reverse order,
+except that the job scheduler stops first, so that it does not replace
+the tasks that the agent stops on the way out.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from corral.agent.agent import Agent
+from corral.agent.connection import LocalConnection
+from corral.agent.resources import DEFAULT_PORT_RANGE, AgentResources, PortRange
+from corral.api import build_app
+from corral.dns.server import DNSServer
+from corral.master.jobs import JobScheduler
+from corral.state import State
+from corral.store import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "corral.db"
+
+
+class ListenError(Exception):
+    """A listen address cannot be bound; the message names it and the flag that changes it."""
+
+
+def default_data_dir() -> Path:
+    """Return the per-user data folder: $XDG_DATA_HOME/corral/dev, or ~/.local/share/corral/dev."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "corral" / "dev"
+
+
+@dataclass
+class DevConfig:
+    data_dir: Path
+    http_host: str = "127.0.0.1"
+    http_port: int = 8500
+    dns_host: str = "127.0.0.1"
+    dns_port: int = 8600
+    node: str = field(default_factory=socket.gethostname)
+    datacenter: str = "dc1"
+    port_range: PortRange = DEFAULT_PORT_RANGE
+    # Overrides of the detected resources, for tests and small machines.
+    cpus: float | None = None
+    memory: int | None = None
+
+
+class DevCluster:
+    def __init__(self, config: DevConfig):
+        self.config = config
+        self.store = SQLiteStore(Path(config.data_dir) / STORE_FILE)
+        self.state = State(self.store, datacenter=config.datacenter)
+        self.scheduler = JobScheduler(self.state)
+        self.dns = DNSServer(self.state, config.dns_host, config.dns_port)
+        self.agent = Agent(
+            LocalConnection(self.state),
+            node=config.node,
+            address=config.http_host,
+            datacenter=config.datacenter,
+            data_dir=Path(config.data_dir) / "agent",
+            port_range=config.port_range,
+            resources_override=self._resource_override,
+        )
+        self._runner: web.AppRunner | None = None
+        self._started = False
+
+    def _resource_override(self, detected: AgentResources) -> AgentResources:
+        return AgentResources(
+            cpus=self.config.cpus if self.config.cpus is not None else detected.cpus,
+            memory=self.config.memory if self.config.memory is not None else detected.memory,
+            disk=detected.disk,
+            ports=detected.ports,
+        )
+
+    async def start(self) -> None:
+        """Start every part; raise ListenError if a listen address cannot be bound."""
+        if self._started:
+            return
+        self._started = True
+        config = self.config
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        await self.state.start()
+        rpc_addr = f"{config.http_host}:{config.http_port}"
+        app = build_app(self.state, config.node, rpc_addr)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, config.http_host, config.http_port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise _address_error(exc, "HTTP", config.http_host, config.http_port, "--http-addr") from None
+        try:
+            await self.dns.start()
+        except OSError as exc:
+            raise _address_error(exc, "DNS", config.dns_host, config.dns_port, "--dns-addr") from None
+        self.scheduler.start()
+        await self.agent.start()
+        log.info(
+            "corral dev started node=%s datacenter=%s http=%s:%d dns=%s:%d data_dir=%s",
+            config.node, config.datacenter, config.http_host, config.http_port,
+            config.dns_host, config.dns_port, config.data_dir,
+        )
+
+    async def stop(self) -> None:
+        """Stop every task and every part; safe to call twice and after a failed start."""
+        if not self._started:
+            return
+        self._started = False
+        log.info("corral dev stopping node=%s", self.config.node)
+        await self.scheduler.stop()
+        await self.agent.stop()
+        await self.dns.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.state.stop()
+        await self.store.close()
+        log.info("corral dev stopped node=%s", self.config.node)
+
+
+def _address_error(exc: OSError, what: str, host: str, port: int, flag: str) -> Exception:
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(
+            f"{what} address {host}:{port} is already in use; stop what listens there "
+            f"or choose another address with {flag}"
+        )
+    return ListenError(f"cannot listen on {what} address {host}:{port} ({exc.strerror}); set {flag}")
