@@ -131,9 +131,12 @@ class DevCluster:
 
 
 def _address_error(exc: OSError, what: str, host: str, port: int, flag: str) -> Exception:
-    if exc.errno == errno.EADDRINUSE:
+    # uvloop raises its own OSError for a UDP bind, with the system's error as the cause.
+    cause = exc.__cause__ if exc.errno is None and isinstance(exc.__cause__, OSError) else exc
+    if cause.errno == errno.EADDRINUSE:
         return ListenError(
             f"{what} address {host}:{port} is already in use; stop what listens there "
             f"or choose another address with {flag}"
         )
-    return ListenError(f"cannot listen on {what} address {host}:{port} ({exc.strerror}); set {flag}")
+    reason = cause.strerror or str(cause)
+    return ListenError(f"cannot listen on {what} address {host}:{port} ({reason}); choose another with {flag}")

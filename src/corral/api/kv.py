@@ -100,7 +100,8 @@ def _keys_response(entries: list[KVEntry], prefix: str, separator: str, index: i
                 name = name[: cut + len(separator)]
         if not names or names[-1] != name:
             names.append(name)
-    if not names:
+    # Like Consul, an empty listing of the root is [] and of any other prefix 404.
+    if not names and prefix != "":
         response = web.Response(status=404)
         set_index_headers(response, index)
         return response
@@ -115,19 +116,31 @@ async def put_kv(request: web.Request) -> web.Response:
         raise text_error(400, "Sessions are not supported yet: ?acquire and ?release are rejected")
     flags = parse_uint(request, "flags", "Invalid flags: expected an unsigned 64-bit integer") or 0
     cas = parse_uint(request, "cas", "Invalid cas index: expected an unsigned integer")
-    if request.content_length is not None and request.content_length > MAX_VALUE_SIZE:
-        raise _too_large(request.content_length)
-    value = await request.content.read(MAX_VALUE_SIZE + 1)
-    if len(value) > MAX_VALUE_SIZE:
-        raise _too_large(len(value))
+    value = await _read_value(request)
     stored = await state.kv_put(key, value, flags=flags, cas=cas)
     return json_response(stored)
 
 
-def _too_large(size: int) -> web.HTTPException:
+async def _read_value(request: web.Request) -> bytes:
+    """Read the whole request body, or raise 413 once it exceeds MAX_VALUE_SIZE."""
+    if request.content_length is not None and request.content_length > MAX_VALUE_SIZE:
+        raise _too_large(f"{request.content_length} bytes")
+    # StreamReader.read(n) returns only what has arrived so far, so a body that
+    # comes in several TCP segments or chunks is read in a loop.
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > MAX_VALUE_SIZE:
+            raise _too_large(f"at least {size} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: str) -> web.HTTPException:
     return text_error(
         413,
-        f"Request body({size} bytes) too large, max size: {MAX_VALUE_SIZE} bytes. "
+        f"Request body({size}) too large, max size: {MAX_VALUE_SIZE} bytes. "
         "See https://developer.hashicorp.com/consul/docs/agent/config/config-files#kv_max_value_size.",
     )
 

@@ -673,7 +673,7 @@ class _UDPProtocol(asyncio.DatagramProtocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # No isinstance check: before Python 3.12 the selector loop's datagram transport
+        # No isinstance check, because in Python 3.11 the selector loop's datagram transport
         # does not subclass asyncio.DatagramTransport, although it implements sendto.
         self._transport = cast(asyncio.DatagramTransport, transport)
 
