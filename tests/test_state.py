@@ -248,14 +248,6 @@ async def test_wait_wakes_on_write(state):
     assert state.kv_index("app/", recurse=True) > index
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "an empty prefix reports index 1 because the index is never 0, and the first write "
-        "to a new store also gets revision 1. So a blocking query at index 1 misses that "
-        "write and waits for its full timeout."
-    ),
-)
 async def test_wait_wakes_on_first_write(state):
     loop = asyncio.get_running_loop()
     index = state.kv_index("app/", recurse=True)
@@ -304,14 +296,6 @@ async def test_wait_stale_index_returns(state):
     assert loop.time() - started < 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "kv_index of an existing key is its own modify index, but wait_for_kv waits on the "
-        "prefix index, which includes sibling keys such as 'ab' for 'a'. So waiting on 'a' "
-        "at its kv_index returns at once, and a caller that loops on kv_index never blocks."
-    ),
-)
 async def test_wait_key_ignores_sibling(state):
     loop = asyncio.get_running_loop()
     await state.kv_put("a", b"1")
@@ -546,13 +530,6 @@ async def test_node_address_lookup(state):
     assert state.node_address("missing") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "update_check ignores a failed compare-and-set. When two updates of one check "
-        "race, both return True but the later one is dropped, so the stored status is stale."
-    ),
-)
 async def test_concurrent_check_updates(state):
     await register_nodes(state, "node1")
     await state.register_service(web_service("node1", "web-1", 8080), [service_check("node1", "web-1")])
@@ -609,13 +586,6 @@ async def test_state_survives_reopen(tmp_path):
     assert later_index > index
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the View keeps delete tombstones only in memory, so after the store is reopened "
-        "the index of a prefix whose newest key was deleted goes back to an older revision"
-    ),
-)
 async def test_index_after_delete_survives_reopen(tmp_path):
     path = tmp_path / "state.db"
     first_store = SQLiteStore(path)

@@ -24,30 +24,34 @@ async def store(tmp_path):
     await s.close()
 
 
+async def test_new_store_is_at_revision_one(store):
+    assert store.revision == 1
+
+
 async def test_put_assigns_revisions(store):
     first = await store.put(b"a", b"1")
     second = await store.put(b"a", b"2")
     kv = await store.get(b"a")
-    assert (first, second) == (1, 2)
+    assert (first, second) == (2, 3)
     assert kv.value == b"2"
-    assert kv.create_revision == 1
-    assert kv.mod_revision == 2
+    assert kv.create_revision == 2
+    assert kv.mod_revision == 3
     assert kv.version == 2
-    assert store.revision == 2
+    assert store.revision == 3
 
 
 async def test_revision_is_cluster_wide(store):
     await store.put(b"a", b"1")
     await store.put(b"b", b"1")
     kv = await store.get(b"b")
-    assert kv.create_revision == 2
+    assert kv.create_revision == 3
 
 
 async def test_delete_of_missing_key_takes_no_revision(store):
     await store.put(b"a", b"1")
     removed = await store.delete(b"missing")
     assert removed == []
-    assert store.revision == 1
+    assert store.revision == 2
 
 
 async def test_prefix_range_is_sorted_and_bounded(store):
@@ -55,7 +59,7 @@ async def test_prefix_range_is_sorted_and_bounded(store):
         await store.put(key, b"v")
     kvs, revision = await store.range(b"jobs/", prefix=True)
     assert [kv.key for kv in kvs] == [b"jobs/a", b"jobs/b"]
-    assert revision == 4
+    assert revision == 5
 
 
 async def test_delete_prefix(store):
@@ -88,9 +92,9 @@ async def test_txn_create_only_compare(store):
 
 async def test_txn_writes_take_one_revision(store):
     result = await store.txn([], [Put(b"a", b"1"), Put(b"b", b"1"), Delete(b"a")])
-    assert result.revision == 1
+    assert result.revision == 2
     assert await store.get(b"a") is None
-    assert (await store.get(b"b")).mod_revision == 1
+    assert (await store.get(b"b")).mod_revision == 2
 
 
 async def test_failed_request_leaves_batch_intact(store):
@@ -105,7 +109,7 @@ async def test_failed_request_leaves_batch_intact(store):
 
 async def test_concurrent_writes_get_distinct_revisions(store):
     revisions = await asyncio.gather(*(store.put(f"k{i}".encode(), b"v") for i in range(200)))
-    assert sorted(revisions) == list(range(1, 201))
+    assert sorted(revisions) == list(range(2, 202))
 
 
 async def test_data_survives_reopen(tmp_path):
@@ -121,8 +125,8 @@ async def test_data_survives_reopen(tmp_path):
     try:
         kv = await second.get(b"kv/greeting")
         assert kv.value == b"again"
-        assert kv.create_revision == 3
-        assert second.revision == 3
+        assert kv.create_revision == 4
+        assert second.revision == 4
     finally:
         await second.close()
 
@@ -144,9 +148,9 @@ async def test_watch_replays_history_then_follows(store):
     await store.put(b"w/b", b"2")
     await asyncio.wait_for(task, 5)
     assert [(e.type, e.kv.key, e.kv.mod_revision) for e in seen] == [
-        (EventType.PUT, b"w/a", 1),
-        (EventType.DELETE, b"w/a", 3),
-        (EventType.PUT, b"w/b", 4),
+        (EventType.PUT, b"w/a", 2),
+        (EventType.DELETE, b"w/a", 4),
+        (EventType.PUT, b"w/b", 5),
     ]
 
 

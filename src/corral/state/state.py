@@ -7,6 +7,7 @@ comes from the view.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -110,8 +111,16 @@ class State:
         compares = [] if cas is None else [_mod_revision_is(store_key, cas)]
         return await self._commit(compares, [Delete(store_key, prefix=recurse)])
 
-    async def wait_for_kv(self, key: str, index: int, timeout: float) -> None:
-        await self.view.wait_for_change(records.kv_key(key), index, timeout)
+    async def wait_for_kv(self, key: str, index: int, timeout: float, recurse: bool = False) -> None:
+        """Return once kv_index(key, recurse) exceeds `index`, or after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        prefixes = (records.kv_key(key),)
+        while self.kv_index(key, recurse) <= index:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await self.view.wait_for_next_change(prefixes, remaining)
 
     # Jobs
 
@@ -299,12 +308,15 @@ class State:
         kv = self.view.get(key)
         if kv is None:
             return False
-        check = Check.decode(kv.value)
-        if check.status is status and check.output == output:
+        previous = Check.decode(kv.value).status
+
+        def apply(check: Check) -> None:
+            check.status, check.output = status, output
+
+        if Check.decode(kv.value).output == output and previous is status:
             return True
-        previous = check.status
-        check.status, check.output = status, output
-        await self._commit([_mod_revision_is(key, kv.mod_revision)], [Put(key, encode(check))])
+        if await self._update(key, Check.decode, apply) is None:
+            return False
         if previous is not status:
             log.info("check status changed node=%s check=%s from=%s to=%s",
                      node, check_id, previous.value, status.value)

@@ -27,6 +27,7 @@ class View:
         self._data: dict[bytes, KeyValue] = {}
         self._sorted_keys: list[bytes] = []
         self._tombstones: dict[bytes, int] = {}
+        self._index_floor = 0
         self._waiters: list[tuple[bytes, asyncio.Future]] = []
         self._revision_waiters: list[tuple[int, asyncio.Future]] = []
         self._listeners: list[Listener] = []
@@ -40,6 +41,9 @@ class View:
             self._data[kv.key] = kv
         self._sorted_keys = sorted(self._data)
         self.revision = revision
+        # Deletes from before this load left no tombstone here, so no prefix index may
+        # fall below the revision loaded: an index must never go backwards for a client.
+        self._index_floor = revision
         self._task = asyncio.create_task(self._follow(revision + 1), name="view-watch")
         log.info("view loaded keys=%d revision=%d", len(self._data), revision)
 
@@ -130,7 +134,8 @@ class View:
     def index(self, prefix: bytes) -> int:
         """Return the highest revision that touched a key under `prefix`, deletes included.
 
-        Never 0, because Consul clients treat index 0 as "no index" and loop.
+        Never 0, because Consul clients treat index 0 as "no index" and loop, and
+        never below the revision the view was loaded at.
         """
         highest = 0
         for kv in self.range(prefix):
@@ -139,7 +144,7 @@ class View:
         for key, revision in self._tombstones.items():
             if revision > highest and key.startswith(prefix):
                 highest = revision
-        return max(highest, 1)
+        return max(highest, self._index_floor, 1)
 
     # Waiting
 

@@ -163,7 +163,7 @@ class Store(abc.ABC):
     @property
     @abc.abstractmethod
     def revision(self) -> int:
-        """The revision of the last committed write (0 for an empty store)."""
+        """The revision of the last committed write; a new store starts at 1, as etcd does."""
 
     @abc.abstractmethod
     async def txn(

@@ -80,6 +80,10 @@ _EVENT_DELETE = 1
 _MAX_BATCH = 512
 
 
+# A new store's revision, as in etcd, so that the first write gets revision 2.
+INITIAL_REVISION = 1
+
+
 @dataclass(slots=True)
 class _Request:
     """Work for the writer thread: `run` executes there and returns the future's result."""
@@ -175,7 +179,8 @@ class SQLiteStore(Store):
             conn = self._connect()
             meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
             leases = conn.execute("SELECT id, ttl FROM leases").fetchall()
-            state = (meta.get("revision", 0), meta.get("compacted", 0), leases)
+            # Index 1, the lowest a Consul client sees, is then always before any write.
+            state = (meta.get("revision", INITIAL_REVISION), meta.get("compacted", 0), leases)
         except sqlite3.Error as exc:
             error = StoreError(f"cannot open store {self.path}: {exc}")
             loop.call_soon_threadsafe(_set_exception, ready, error)
