@@ -46,3 +46,10 @@ class CheckStatus(enum.StrEnum):
 
 class JobType(enum.StrEnum):
     SERVICE = "service"
+
+
+class SessionBehavior(enum.StrEnum):
+    """What happens to a session's locks when it is invalidated, as Consul spells it."""
+
+    RELEASE = "release"
+    DELETE = "delete"

@@ -6,10 +6,11 @@ import logging
 
 from aiohttp import web
 
-from corral.api import catalog, jobs, kv
+from corral.api import catalog, jobs, kv, session
 from corral.api.catalog import SERVER_INFO_KEY
 from corral.api.common import STATE_KEY, text_error
 from corral.state import State
+from corral.state.sessions import SessionManager
 from corral.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ def build_app(state: State, node: str, rpc_addr: str) -> web.Application:
     app[STATE_KEY] = state
     app[SERVER_INFO_KEY] = {"node": node, "rpc_addr": rpc_addr}
     kv.add_routes(app)
+    sessions = SessionManager(state)
+    session.add_routes(app, sessions)
+    app.on_startup.append(lambda _: sessions.start())
+    app.on_cleanup.append(lambda _: sessions.stop())
     catalog.add_routes(app)
     jobs.add_routes(app)
     return app

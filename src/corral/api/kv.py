@@ -16,6 +16,7 @@ from aiohttp import web
 
 from corral.api.common import (
     block,
+    check_datacenter,
     flag_present,
     json_response,
     parse_uint,
@@ -23,6 +24,7 @@ from corral.api.common import (
     state_of,
     text_error,
 )
+from corral.state.kvlocks import InvalidSessionError
 from corral.state.records import KVEntry, kv_key
 
 # Consul's default limit on a KV value (kv_max_value_size).
@@ -60,6 +62,7 @@ def _entry_to_api(entry: KVEntry) -> dict:
 
 
 async def get_kv(request: web.Request) -> web.StreamResponse:
+    check_datacenter(request)
     state = state_of(request)
     key = _key_of(request, required=False)
     recurse = flag_present(request, "recurse")
@@ -109,14 +112,23 @@ def _keys_response(entries: list[KVEntry], prefix: str, separator: str, index: i
 
 
 async def put_kv(request: web.Request) -> web.Response:
+    check_datacenter(request)
     state = state_of(request)
     key = _key_of(request, required=True)
-    if "acquire" in request.query or "release" in request.query:
-        # NOTE: sessions and locks are not built yet; rejecting is better than ignoring them.
-        raise text_error(400, "Sessions are not supported yet: ?acquire and ?release are rejected")
+    lock_flags = [name for name in ("cas", "acquire", "release") if name in request.query]
+    if len(lock_flags) > 1:
+        raise text_error(400, f"Conflicting flags: {'&'.join(lock_flags)}")
     flags = parse_uint(request, "flags", "Invalid flags: expected an unsigned 64-bit integer") or 0
     cas = parse_uint(request, "cas", "Invalid cas index: expected an unsigned integer")
     value = await _read_value(request)
+    for lock_flag in ("acquire", "release"):
+        if lock_flag in request.query:
+            session_id = request.query[lock_flag]
+            try:
+                stored = await state.kv_lock(key, value, flags, session_id, acquire=lock_flag == "acquire")
+            except InvalidSessionError as exc:
+                raise text_error(500, str(exc)) from None
+            return json_response(stored)
     stored = await state.kv_put(key, value, flags=flags, cas=cas)
     return json_response(stored)
 
@@ -146,6 +158,7 @@ def _too_large(size: str) -> web.HTTPException:
 
 
 async def delete_kv(request: web.Request) -> web.Response:
+    check_datacenter(request)
     state = state_of(request)
     recurse = flag_present(request, "recurse")
     key = _key_of(request, required=not recurse)

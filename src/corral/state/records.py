@@ -10,6 +10,7 @@ Key layout (every key is bytes, every record value is JSON):
     nodes/<node>                   a catalog node
     services/<node>/<service id>   a catalog service instance
     checks/<node>/<check id>       a catalog health check
+    sessions/<session id>          a Consul session, attached to a store lease when it has a TTL
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from corral.types import CheckStatus, DesiredState, TaskState
+from corral.types import CheckStatus, DesiredState, SessionBehavior, TaskState
 
 KV = b"kv/"
 JOBS = b"jobs/"
@@ -30,6 +31,7 @@ AGENTS = b"agents/"
 NODES = b"nodes/"
 SERVICES = b"services/"
 CHECKS = b"checks/"
+SESSIONS = b"sessions/"
 
 
 def kv_key(key: str) -> bytes:
@@ -62,6 +64,10 @@ def service_key(node: str, service_id: str) -> bytes:
 
 def check_key(node: str, check_id: str) -> bytes:
     return CHECKS + f"{node}/{check_id}".encode()
+
+
+def session_key(session_id: str) -> bytes:
+    return SESSIONS + session_id.encode()
 
 
 def encode(record: Any) -> bytes:
@@ -148,6 +154,31 @@ class Check:
     def decode(cls, raw: bytes) -> Check:
         fields = orjson.loads(raw)
         fields["status"] = CheckStatus(fields["status"])
+        return cls(**fields)
+
+
+@dataclass(slots=True)
+class Session:
+    """A Consul session: locks held through it are released (or deleted) when it is invalidated.
+
+    `lock_delay` and `ttl` are in seconds; a `ttl` of 0 means no TTL. `lease`
+    is the store lease whose expiry deletes the session's key.
+    """
+
+    id: str
+    name: str
+    node: str
+    checks: list[str]
+    behavior: SessionBehavior
+    lock_delay: float
+    ttl: float = 0.0
+    lease: int = 0
+    service_checks: list[str] = field(default_factory=list)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Session:
+        fields = orjson.loads(raw)
+        fields["behavior"] = SessionBehavior(fields["behavior"])
         return cls(**fields)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 from corral.dns.server import DNSInstance
 from corral.jobspec import Job
-from corral.state import records
+from corral.state import kvlocks, records
 from corral.state.records import (
     AgentInfo,
     Check,
@@ -23,6 +23,7 @@ from corral.state.records import (
     KVEntry,
     Node,
     Service,
+    Session,
     Task,
     encode,
 )
@@ -45,6 +46,9 @@ class State:
         self.store = store
         self.datacenter = datacenter
         self.view = View(store)
+        # Key -> monotonic deadline of its lock-delay. Kept in memory only, as Consul's
+        # leader does: a restart forgets lock-delays.
+        self.lock_delays: dict[str, float] = {}
 
     async def start(self) -> None:
         await self.view.start()
@@ -105,6 +109,57 @@ class State:
             return False
         # Someone wrote between our read and our write: retry with the new lock fields.
         return await self.kv_put(key, value, flags)
+
+    async def kv_lock(
+        self, key: str, value: bytes, flags: int, session_id: str, acquire: bool
+    ) -> bool:
+        """Acquire or release the lock on `key` for a session, writing `value` with it.
+
+        Returns False when the lock rules do not allow it; raises
+        InvalidSessionError for an acquire through an unknown session.
+        """
+        store_key = records.kv_key(key)
+        for _ in range(_UPDATE_ATTEMPTS):
+            existing = self.kv_get(key)
+            if acquire:
+                outcome = kvlocks.acquire(
+                    key, existing, value, flags, self.session(session_id), session_id,
+                    self.lock_delay_remaining(key),
+                )
+            else:
+                outcome = kvlocks.release(key, existing, value, flags, session_id)
+            if outcome.entry is None:
+                log.debug("kv lock not changed key=%s session=%s: %s", key, session_id, outcome.reason)
+                return False
+            compare = _mod_revision_is(store_key, existing.modify_index if existing else 0)
+            compares = [compare]
+            if acquire:
+                # The session must still exist when the write lands.
+                compares.append(_mod_revision_above(records.session_key(session_id), 0))
+            if await self._commit(compares, [Put(store_key, outcome.entry.encode())]):
+                return True
+        raise ConflictError(f"key {key} changed concurrently {_UPDATE_ATTEMPTS} times")
+
+    # Sessions
+
+    def session(self, session_id: str) -> Session | None:
+        kv = self.view.get(records.session_key(session_id))
+        return Session.decode(kv.value) if kv else None
+
+    def sessions(self, node: str | None = None) -> list[Session]:
+        found = [Session.decode(kv.value) for kv in self.view.range(records.SESSIONS)]
+        return [session for session in found if node is None or session.node == node]
+
+    def lock_delay_remaining(self, key: str) -> float:
+        """Return the seconds left before `key` can be acquired again after its holder was invalidated."""
+        deadline = self.lock_delays.get(key)
+        if deadline is None:
+            return 0.0
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            del self.lock_delays[key]
+            return 0.0
+        return remaining
 
     async def kv_delete(self, key: str, recurse: bool = False, cas: int | None = None) -> bool:
         store_key = records.kv_key(key)
@@ -376,3 +431,7 @@ def _without_count(spec: dict) -> dict:
 
 def _mod_revision_is(key: bytes, revision: int) -> Compare:
     return Compare(key, CompareTarget.MOD, CompareOp.EQUAL, revision)
+
+
+def _mod_revision_above(key: bytes, revision: int) -> Compare:
+    return Compare(key, CompareTarget.MOD, CompareOp.GREATER, revision)

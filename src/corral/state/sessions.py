@@ -1,0 +1,343 @@
+"""Consul sessions: creation, renewal and the invalidation that releases their locks.
+
+A session with a TTL is stored on a store lease of that TTL, so the store
+deletes its key when it is not renewed in time (after the TTL, within the
+store's lease check interval). However a session ends (destroyed, TTL
+expired, its node deregistered, or one of its checks critical or
+deregistered), the same invalidation follows: every lock it holds is
+released (behavior "release") or its key deleted (behavior "delete"), and
+each of those keys enters the session's lock-delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from corral.duration import format_duration, parse_duration
+from corral.state import records
+from corral.state.records import Check, KVEntry, Session, encode
+from corral.state.state import State
+from corral.store import Compare, CompareOp, CompareTarget, Delete, Event, EventType, Put, StoreError
+from corral.types import CheckStatus, SessionBehavior
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOCK_DELAY = 15.0
+MAX_LOCK_DELAY = 60.0
+MIN_TTL = 10.0
+MAX_TTL = 86400.0
+# Consul reads a bare LockDelay number below this as seconds, and above it as nanoseconds.
+_LOCK_DELAY_SECONDS_THRESHOLD = 1000
+SERF_HEALTH_ID = "serfHealth"
+_INVALIDATE_ATTEMPTS = 20
+
+
+class SessionError(Exception):
+    """A session request that Consul rejects; `status` is the HTTP status Consul answers with."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRequest:
+    """The validated body of a session create request."""
+
+    name: str
+    node: str
+    checks: list[str]
+    service_checks: list[str]
+    behavior: SessionBehavior
+    lock_delay: float
+    ttl: float
+
+
+def parse_lock_delay(value: object) -> float:
+    """Read LockDelay as Consul does: a duration string, or a bare number (seconds below 1000, else ns)."""
+    if isinstance(value, bool):
+        raise SessionError(f"Invalid LockDelay {value!r}: expected a duration such as \"15s\"", 400)
+    if isinstance(value, (int, float)):
+        seconds = float(value) if value < _LOCK_DELAY_SECONDS_THRESHOLD else value / 1e9
+    elif isinstance(value, str):
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise SessionError(f"Invalid LockDelay {value!r}: {exc}", 400) from None
+    else:
+        raise SessionError(f"Invalid LockDelay {value!r}: expected a duration such as \"15s\"", 400)
+    if seconds < 0:
+        raise SessionError(f"Invalid LockDelay {value!r}: must not be negative", 400)
+    return min(seconds, MAX_LOCK_DELAY)
+
+
+def parse_ttl(value: object) -> float:
+    """Read TTL: "" or "0s" means none; otherwise a duration from 10s to 24h."""
+    if value in (None, "", "0", 0):
+        return 0.0
+    if not isinstance(value, str):
+        raise SessionError(f"Invalid Session TTL {value!r}: expected a duration string such as \"30s\"")
+    try:
+        ttl = parse_duration(value)
+    except ValueError as exc:
+        raise SessionError(f"Invalid Session TTL '{value}': {exc}") from None
+    if ttl == 0:
+        return 0.0
+    if not MIN_TTL <= ttl <= MAX_TTL:
+        raise SessionError(
+            f"Invalid Session TTL '{value}', must be between "
+            f"[{format_duration(MIN_TTL)}={format_duration(MAX_TTL)}]"
+        )
+    return ttl
+
+
+def _string_list(value: object, field: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise SessionError(f"Invalid {field} {value!r}: expected a list of check IDs", 400)
+    return list(value)
+
+
+def _service_check_ids(value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SessionError(f"Invalid ServiceChecks {value!r}: expected a list of {{\"ID\": ...}} objects", 400)
+    ids = []
+    for item in value:
+        fields = {str(key).lower(): field for key, field in item.items()} if isinstance(item, dict) else {}
+        if not isinstance(fields.get("id"), str):
+            raise SessionError(f"Invalid ServiceChecks entry {item!r}: expected {{\"ID\": \"check id\"}}", 400)
+        ids.append(fields["id"])
+    return ids
+
+
+def parse_session_request(body: dict, default_node: str) -> SessionRequest:
+    """Validate a create body; field names are matched case-insensitively, as Go's JSON decoder does."""
+    fields = {key.lower(): value for key, value in body.items()}
+    name = fields.get("name") or ""
+    if not isinstance(name, str):
+        raise SessionError(f"Invalid Name {name!r}: expected a string", 400)
+    node = fields.get("node") or default_node
+    if not isinstance(node, str):
+        raise SessionError(f"Invalid Node {node!r}: expected a node name", 400)
+    behavior_text = fields.get("behavior") or SessionBehavior.RELEASE.value
+    try:
+        behavior = SessionBehavior(behavior_text)
+    except ValueError:
+        raise SessionError(f"Invalid Behavior setting '{behavior_text}': expected release or delete", 400) from None
+    lock_delay = DEFAULT_LOCK_DELAY
+    if fields.get("lockdelay") is not None:
+        lock_delay = parse_lock_delay(fields["lockdelay"])
+    given = [field for field in ("checks", "nodechecks", "servicechecks") if fields.get(field) is not None]
+    checks = _string_list(fields.get("checks"), "Checks") + _string_list(fields.get("nodechecks"), "NodeChecks")
+    service_checks = _service_check_ids(fields.get("servicechecks"))
+    if not given:
+        checks = [SERF_HEALTH_ID]
+    return SessionRequest(
+        name=name,
+        node=node,
+        checks=list(dict.fromkeys(checks)),
+        service_checks=list(dict.fromkeys(service_checks)),
+        behavior=behavior,
+        lock_delay=lock_delay,
+        ttl=parse_ttl(fields.get("ttl")),
+    )
+
+
+def session_to_api(state: State, session: Session) -> dict:
+    kv = state.view.get(records.session_key(session.id))
+    create, modify = (kv.create_revision, kv.mod_revision) if kv else (0, 0)
+    return {
+        "ID": session.id,
+        "Name": session.name,
+        "Node": session.node,
+        "Checks": session.checks + session.service_checks,
+        "NodeChecks": session.checks,
+        "ServiceChecks": [{"ID": check_id, "Namespace": ""} for check_id in session.service_checks] or None,
+        "LockDelay": int(round(session.lock_delay * 1e9)),
+        "Behavior": session.behavior.value,
+        "TTL": format_duration(session.ttl) if session.ttl else "",
+        "Namespace": "default",
+        "CreateIndex": create,
+        "ModifyIndex": modify,
+    }
+
+
+class SessionManager:
+    def __init__(self, state: State):
+        self.state = state
+        self._pending: set[asyncio.Task] = set()
+        self._started = False
+
+    async def start(self) -> None:
+        """Follow the view for ended sessions, then clean up locks left by sessions that ended while down."""
+        if self._started:
+            return
+        self._started = True
+        self.state.view.add_listener(self._on_change)
+        await self._release_orphan_locks()
+
+    async def stop(self) -> None:
+        self._started = False
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    # Requests
+
+    async def create(self, request: SessionRequest) -> Session:
+        state = self.state
+        node = state.node(request.node)
+        if node is None:
+            raise SessionError(f"Missing node registration for '{request.node}'")
+        node_checks = {check.id: check for check in state.checks(request.node)}
+        for check_id in request.checks + request.service_checks:
+            check = node_checks.get(check_id)
+            if check is None:
+                raise SessionError(f"Missing check '{check_id}' registration")
+            if check.status is CheckStatus.CRITICAL:
+                raise SessionError(f"Check '{check_id}' is in critical state")
+        session = Session(
+            id=str(uuid.uuid4()),
+            name=request.name,
+            node=request.node,
+            checks=request.checks,
+            service_checks=request.service_checks,
+            behavior=request.behavior,
+            lock_delay=request.lock_delay,
+            ttl=request.ttl,
+        )
+        if session.ttl:
+            session.lease = await state.store.grant_lease(session.ttl)
+        key = records.session_key(session.id)
+        # The node and the checks must still be there when the session is written.
+        compares = [Compare(records.node_key(node.name), CompareTarget.MOD, CompareOp.GREATER, 0)]
+        for check_id in session.checks + session.service_checks:
+            check_key = records.check_key(node.name, check_id)
+            current = state.view.get(check_key)
+            compares.append(Compare(check_key, CompareTarget.MOD, CompareOp.EQUAL, current.mod_revision if current else 0))
+        if not await state._commit(compares, [Put(key, encode(session), lease=session.lease)]):
+            if session.lease:
+                await state.store.revoke_lease(session.lease)
+            raise SessionError(f"Node '{node.name}' or one of its checks changed while the session was created; retry")
+        log.info(
+            "session created session=%s node=%s name=%r ttl=%s behavior=%s lock_delay=%s",
+            session.id, session.node, session.name, format_duration(session.ttl) if session.ttl else "none",
+            session.behavior.value, format_duration(session.lock_delay),
+        )
+        return session
+
+    async def renew(self, session_id: str) -> Session | None:
+        """Restart a session's TTL; return None when the session does not exist."""
+        session = self.state.session(session_id)
+        if session is None:
+            return None
+        if session.lease:
+            try:
+                await self.state.store.keep_alive(session.lease)
+            except StoreError:
+                # The lease ran out between the read and the renewal.
+                return None
+        return session
+
+    async def destroy(self, session_id: str) -> None:
+        """End a session and release its locks; a session that does not exist is not an error."""
+        session = self.state.session(session_id)
+        if session is None:
+            return
+        await self._invalidate(session, "destroyed")
+
+    # Invalidation
+
+    def _on_change(self, batch: list[Event]) -> None:
+        if not self._started:
+            return
+        for event in batch:
+            key = event.kv.key
+            if key.startswith(records.SESSIONS):
+                if event.type is EventType.DELETE and event.prev_kv is not None:
+                    session = Session.decode(event.prev_kv.value)
+                    if self._holds_locks(session.id):
+                        self._schedule(session, "its TTL expired or it was removed")
+            elif key.startswith(records.CHECKS):
+                self._on_check_change(event)
+            elif key.startswith(records.NODES) and event.type is EventType.DELETE:
+                node = key[len(records.NODES):].decode()
+                for session in self.state.sessions(node=node):
+                    self._schedule(session, f"node {node} was deregistered")
+
+    def _on_check_change(self, event: Event) -> None:
+        node, _, check_id = event.kv.key[len(records.CHECKS):].decode().partition("/")
+        if event.type is EventType.PUT:
+            if Check.decode(event.kv.value).status is not CheckStatus.CRITICAL:
+                return
+            reason = f"check {check_id} on node {node} is critical"
+        else:
+            reason = f"check {check_id} on node {node} was deregistered"
+        for session in self.state.sessions(node=node):
+            if check_id in session.checks or check_id in session.service_checks:
+                self._schedule(session, reason)
+
+    def _holds_locks(self, session_id: str) -> bool:
+        return any(entry.session == session_id for entry in self.state.kv_list(""))
+
+    def _schedule(self, session: Session, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._invalidate(session, reason))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _invalidate(self, session: Session, reason: str) -> None:
+        """Delete the session and release (or delete) its locks in one transaction."""
+        state = self.state
+        for _ in range(_INVALIDATE_ATTEMPTS):
+            compares = []
+            ops: list[Put | Delete] = []
+            session_key = records.session_key(session.id)
+            current = state.view.get(session_key)
+            if current is not None:
+                compares.append(Compare(session_key, CompareTarget.MOD, CompareOp.EQUAL, current.mod_revision))
+                ops.append(Delete(session_key))
+            held = [entry for entry in state.kv_list("") if entry.session == session.id]
+            for entry in held:
+                store_key = records.kv_key(entry.key)
+                compares.append(Compare(store_key, CompareTarget.MOD, CompareOp.EQUAL, entry.modify_index))
+                if session.behavior is SessionBehavior.DELETE:
+                    ops.append(Delete(store_key))
+                else:
+                    released = KVEntry(entry.key, entry.value, flags=entry.flags, lock_index=entry.lock_index)
+                    ops.append(Put(store_key, released.encode()))
+            if not ops:
+                return
+            if session.lock_delay > 0:
+                deadline = time.monotonic() + session.lock_delay
+                for entry in held:
+                    state.lock_delays[entry.key] = deadline
+            try:
+                committed = await state._commit(compares, ops)
+            except StoreError as exc:
+                log.error("session invalidation failed session=%s: %s", session.id, exc)
+                return
+            if committed:
+                log.info(
+                    "session invalidated session=%s node=%s locks=%d behavior=%s: %s",
+                    session.id, session.node, len(held), session.behavior.value, reason,
+                )
+                if current is not None and session.lease:
+                    await state.store.revoke_lease(session.lease)
+                return
+        log.error("session invalidation gave up after %d conflicts session=%s", _INVALIDATE_ATTEMPTS, session.id)
+
+    async def _release_orphan_locks(self) -> None:
+        """Release locks whose session no longer exists, left by a stop between expiry and release."""
+        orphans = {
+            entry.session for entry in self.state.kv_list("") if entry.session and self.state.session(entry.session) is None
+        }
+        for session_id in orphans:
+            # The session record is gone, so its behavior is unknown: release, the safe default.
+            orphan = Session(session_id, "", "", [], SessionBehavior.RELEASE, lock_delay=0.0)
+            await self._invalidate(orphan, "its session ended while the server was down")
