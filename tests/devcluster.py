@@ -137,10 +137,19 @@ def port_is_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def example_processes() -> list[psutil.Process]:
+def task_processes(data_dir: Path) -> list[psutil.Process]:
+    """Return the live processes of tasks started by the cluster on `data_dir`.
+
+    A task's environment names its sandbox, which is under the cluster's data
+    folder, so processes of other clusters running at the same time are not counted.
+    """
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if any(part.endswith("hello_web.py") for part in cmdline):
+    for process in psutil.process_iter():
+        try:
+            sandbox = process.environ().get("CORRAL_SANDBOX", "")
+            zombie = process.status() == psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if sandbox.startswith(str(data_dir) + "/") and not zombie:
             found.append(process)
     return found

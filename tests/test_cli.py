@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from devcluster import EXAMPLES, DevProcess, wait_until
+from devcluster import EXAMPLES, DevProcess, task_processes, wait_until
 
 
 def run_corral(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -24,7 +24,8 @@ def small_cluster(tmp_path_factory):
     dev = DevProcess(folder / "data", folder / "corral-dev.log", extra_args=["--memory", "300"])
     dev.start()
     yield dev
-    dev.stop()
+    assert dev.stop() == 0
+    assert task_processes(dev.data_dir) == []
 
 
 def write_job(tmp_path, body: str):

@@ -13,7 +13,7 @@ import signal
 
 import psutil
 import pytest
-from devcluster import EXAMPLES, DevProcess, example_processes, http_text, port_is_open, wait_until
+from devcluster import EXAMPLES, DevProcess, task_processes, http_text, port_is_open, wait_until
 
 GREETING = "Hello from the end-to-end test"
 GREETING_KEY = "config/hello-web/greeting"
@@ -27,7 +27,7 @@ def cluster(tmp_path_factory):
     yield dev
     if dev.process is not None and dev.process.poll() is None:
         dev.stop()
-    leftover = example_processes()
+    leftover = task_processes(dev.data_dir)
     for process in leftover:
         process.kill()
     assert not leftover, f"task processes left after corral dev stopped: {[p.pid for p in leftover]}"
@@ -82,14 +82,14 @@ def test_job_stop_leaves_nothing(cluster):
     assert cluster.get("/v1/catalog/service/hello-web") == []
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert example_processes() == []
+    assert task_processes(cluster.data_dir) == []
     assert cluster.srv_ports() == []
 
 
 def test_kv_survives_restart(cluster):
     cluster.cli("job", "run", str(EXAMPLES / "hello-web.toml"))
     assert cluster.stop() == 0
-    assert example_processes() == []
+    assert task_processes(cluster.data_dir) == []
     cluster.start()
     result = cluster.cli("kv", "get", GREETING_KEY)
     assert result.stdout.strip() == GREETING
