@@ -88,10 +88,8 @@ def parse_ttl(value: object) -> float:
     if ttl == 0:
         return 0.0
     if not MIN_TTL <= ttl <= MAX_TTL:
-        raise SessionError(
-            f"Invalid Session TTL '{value}', must be between "
-            f"[{format_duration(MIN_TTL)}={format_duration(MAX_TTL)}]"
-        )
+        # The range as Go prints time.Duration values, which clients may match on.
+        raise SessionError(f"Invalid Session TTL '{value}', must be between [10s=24h0m0s]")
     return ttl
 
 
