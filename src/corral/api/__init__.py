@@ -6,7 +6,7 @@ import logging
 
 from aiohttp import web
 
-from corral.api import catalog, jobs, kv, session
+from corral.api import catalog, jobs, kv, session, txn
 from corral.api.catalog import SERVER_INFO_KEY
 from corral.api.common import STATE_KEY, text_error
 from corral.state import State
@@ -45,4 +45,5 @@ def build_app(state: State, node: str, rpc_addr: str) -> web.Application:
     app.on_cleanup.append(lambda _: sessions.stop())
     catalog.add_routes(app)
     jobs.add_routes(app)
+    txn.add_routes(app)
     return app
