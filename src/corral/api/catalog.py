@@ -12,7 +12,7 @@ import uuid
 from aiohttp import web
 
 import corral
-from corral.api.common import block, json_response, state_of, text_error
+from corral.api.common import block, check_datacenter, json_response, state_of, text_error
 from corral.state import State
 from corral.state.records import CHECKS, NODES, SERVICES, Check, Node, Service, check_key, node_key, service_key
 from corral.types import CheckStatus
@@ -110,19 +110,13 @@ def catalog_service_entry(state: State, node: Node, service: Service) -> dict:
     }
 
 
-def _check_datacenter(request: web.Request) -> None:
-    wanted = request.query.get("dc")
-    if wanted and wanted != state_of(request).datacenter:
-        raise text_error(500, f"No path to datacenter: {wanted!r} is not served here")
-
-
 def _has_tags(service: Service, wanted: list[str]) -> bool:
     tags = {tag.lower() for tag in service.tags}
     return all(tag.lower() in tags for tag in wanted)
 
 
 async def catalog_services(request: web.Request) -> web.Response:
-    _check_datacenter(request)
+    check_datacenter(request)
     state = state_of(request)
     index = await block(request, state.catalog_index, CATALOG_PREFIXES)
     names: dict[str, list[str]] = {}
@@ -133,7 +127,7 @@ async def catalog_services(request: web.Request) -> web.Response:
 
 
 async def catalog_service(request: web.Request) -> web.Response:
-    _check_datacenter(request)
+    check_datacenter(request)
     state = state_of(request)
     name = request.match_info["name"]
     tags = request.query.getall("tag", [])
@@ -147,14 +141,14 @@ async def catalog_service(request: web.Request) -> web.Response:
 
 
 async def catalog_nodes(request: web.Request) -> web.Response:
-    _check_datacenter(request)
+    check_datacenter(request)
     state = state_of(request)
     index = await block(request, state.catalog_index, NODES)
     return json_response([node_to_api(state, node) for node in state.nodes()], index=index)
 
 
 async def catalog_node(request: web.Request) -> web.Response:
-    _check_datacenter(request)
+    check_datacenter(request)
     state = state_of(request)
     name = request.match_info["name"]
     index = await block(request, state.catalog_index, CATALOG_PREFIXES)
@@ -170,7 +164,7 @@ async def catalog_datacenters(request: web.Request) -> web.Response:
 
 
 async def health_service(request: web.Request) -> web.Response:
-    _check_datacenter(request)
+    check_datacenter(request)
     state = state_of(request)
     name = request.match_info["name"]
     tags = request.query.getall("tag", [])
@@ -204,7 +198,7 @@ def _passing_flag(request: web.Request) -> bool:
 
 
 async def health_checks(request: web.Request) -> web.Response:
-    _check_datacenter(request)
+    check_datacenter(request)
     state = state_of(request)
     name = request.match_info["name"].lower()
     index = await block(request, state.health_index, HEALTH_PREFIXES)
@@ -218,7 +212,7 @@ async def health_checks(request: web.Request) -> web.Response:
 
 
 async def health_node(request: web.Request) -> web.Response:
-    _check_datacenter(request)
+    check_datacenter(request)
     state = state_of(request)
     name = request.match_info["name"]
     index = await block(request, state.health_index, HEALTH_PREFIXES)
@@ -228,7 +222,7 @@ async def health_node(request: web.Request) -> web.Response:
 
 
 async def health_state(request: web.Request) -> web.Response:
-    _check_datacenter(request)
+    check_datacenter(request)
     state = state_of(request)
     wanted = request.match_info["state"]
     if wanted != "any" and wanted not in {status.value for status in CheckStatus}:

@@ -83,6 +83,13 @@ async def read_json(request: web.Request) -> Any:
         raise json_error(400, {"error": f"invalid request body: malformed JSON: {exc}"}) from None
 
 
+def check_datacenter(request: web.Request) -> None:
+    """Raise Consul's 500 "No path to datacenter" when `?dc` names a datacenter not served here."""
+    wanted = request.query.get("dc")
+    if wanted and wanted != state_of(request).datacenter:
+        raise text_error(500, f"No path to datacenter: {wanted!r} is not served here")
+
+
 def flag_present(request: web.Request, name: str) -> bool:
     """Tell whether a Consul-style flag such as `?recurse` is set; `?recurse=false` counts as unset."""
     if name not in request.query:
