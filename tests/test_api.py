@@ -772,7 +772,6 @@ async def test_health_blocking_wakes_on_stop(hello_web: Api):
     async with hello_web.session.delete(hello_web.url("/v1/jobs/hello-web")) as response:
         assert response.status == 200
     new_index, _ = await waiter
-    # Stopping the cluster while tasks still change state can hang (see the xfail tests below).
     await wait_for(hello_web.all_tasks_ended, "both hello-web tasks to end")
 
     assert int(new_index) > int(index)
@@ -1006,16 +1005,10 @@ async def test_cluster_stop_kills_tasks(hello_web: Api):
     assert {task.state.value for task in hello_web.cluster.state.tasks()} == {"KILLED"}
 
 
-# Bugs outside the API: JobScheduler._run and View.wait_for_change wait with
-# asyncio.wait_for. On Python 3.11, wait_for returns the inner result and drops the
-# CancelledError when the awaited future finished in the same loop iteration as the
-# cancel, so the loop runs on and stop() waits forever. Python 3.12 builds wait_for
-# on asyncio.timeout, which does not drop the cancel.
-PY311_WAIT_FOR = pytest.mark.xfail(
-    sys.version_info < (3, 12),
-    reason="asyncio.wait_for on Python 3.11 swallows a cancel that races with a wakeup",
-    strict=True,
-)
+# JobScheduler._run and View.wait_for_change once waited with asyncio.wait_for. On
+# Python 3.11, wait_for returns the inner result and drops the CancelledError when
+# the awaited future finished in the same loop iteration as the cancel, so the loop
+# ran on and stop() waited forever. They now use asyncio.timeout, which keeps it.
 
 
 async def _stops_within(stop: Awaitable[None], loop_task: asyncio.Task | None, timeout: float) -> bool:
@@ -1033,7 +1026,6 @@ async def _stops_within(stop: Awaitable[None], loop_task: asyncio.Task | None, t
     return bool(done)
 
 
-@PY311_WAIT_FOR
 async def test_scheduler_stop_after_wakeup(api: Api):
     scheduler = api.cluster.scheduler
     await asyncio.sleep(0.05)
@@ -1047,7 +1039,6 @@ async def test_scheduler_stop_after_wakeup(api: Api):
     assert await _stops_within(scheduler.stop(), loop_task, timeout=1.0)
 
 
-@PY311_WAIT_FOR
 async def test_agent_stop_after_wakeup(api: Api):
     agent = api.cluster.agent
     view = api.cluster.state.view

@@ -108,7 +108,8 @@ async def tcp_check(host: str, port: int, timeout: float) -> CheckResult:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     prefix = f"TCP connect {address}"
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
     except TimeoutError:
         return CheckResult(CheckStatus.CRITICAL, f"{prefix}: timed out after {timeout:g} s")
     except OSError as exc:

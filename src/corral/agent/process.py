@@ -246,7 +246,8 @@ class TaskProcess:
         task_id = self.spec.task_id
         _signal_group(self.pgid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(process.wait()), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(process.wait())
             return
         except TimeoutError:
             pass

@@ -166,7 +166,8 @@ class TaskRunner:
     async def _sleep_unless_stopped(self, delay: float) -> bool:
         """Sleep `delay` seconds; return True early if a stop was requested."""
         try:
-            await asyncio.wait_for(self._stop_requested.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._stop_requested.wait()
         except TimeoutError:
             return False
         return True

@@ -65,7 +65,8 @@ class JobScheduler:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._wakeup.wait()
             except TimeoutError:
                 pass
             self._wakeup.clear()

@@ -159,7 +159,8 @@ class View:
             future = loop.create_future()
             self._waiters.append((prefix, future))
             try:
-                await asyncio.wait_for(future, remaining)
+                async with asyncio.timeout(remaining):
+                    await future
             except TimeoutError:
                 return
 
@@ -170,7 +171,8 @@ class View:
         for prefix in prefixes:
             self._waiters.append((prefix, future))
         try:
-            await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                await future
         except TimeoutError:
             return False
         return True
@@ -181,4 +183,5 @@ class View:
             return
         future = asyncio.get_running_loop().create_future()
         self._revision_waiters.append((revision, future))
-        await asyncio.wait_for(future, timeout)
+        async with asyncio.timeout(timeout):
+            await future
