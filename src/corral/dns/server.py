@@ -275,27 +275,30 @@ class DNSServer:
             raise RuntimeError("dns server is already started")
         loop = asyncio.get_running_loop()
         attempts = _PORT_ATTEMPTS if self._port == 0 else 1
+        # TCP is bound first: with port 0 the kernel then picks a port free for
+        # listening, which UDP almost always has free too. The other order fails
+        # often on a busy machine, because a UDP-free port can still have TCP
+        # connections in TIME_WAIT that stop a listener.
         for attempt in range(1, attempts + 1):
-            udp_transport, udp_protocol = await loop.create_datagram_endpoint(
-                lambda: _UDPProtocol(self._handle_message),
-                local_addr=(self._host, self._port),
+            tcp_server = await loop.create_server(
+                lambda: _TCPProtocol(self._handle_message, self._connections, self._tcp_idle_timeout),
+                host=self._host,
+                port=self._port,
             )
-            bound_host, bound_port = udp_transport.get_extra_info("sockname")[:2]
+            bound_host, bound_port = tcp_server.sockets[0].getsockname()[:2]
             try:
-                tcp_server = await loop.create_server(
-                    lambda: _TCPProtocol(
-                        self._handle_message, self._connections, self._tcp_idle_timeout
-                    ),
-                    host=bound_host,
-                    port=bound_port,
+                udp_transport, udp_protocol = await loop.create_datagram_endpoint(
+                    lambda: _UDPProtocol(self._handle_message),
+                    local_addr=(bound_host, bound_port),
                 )
             except OSError as exc:
-                udp_transport.close()
-                await udp_protocol.closed
-                if exc.errno != errno.EADDRINUSE or attempt == attempts:
+                tcp_server.close()
+                await tcp_server.wait_closed()
+                cause = exc.__cause__ if exc.errno is None and isinstance(exc.__cause__, OSError) else exc
+                if cause.errno != errno.EADDRINUSE or attempt == attempts:
                     raise
                 log.debug(
-                    "dns tcp port in use, retrying on a new port port=%d attempt=%d",
+                    "dns udp port in use, retrying on a new port port=%d attempt=%d",
                     bound_port,
                     attempt,
                 )
