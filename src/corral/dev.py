@@ -19,9 +19,10 @@ from aiohttp import web
 
 from corral.agent.agent import Agent
 from corral.agent.connection import LocalConnection
+from corral.agent.registry import RegistryConfig
 from corral.agent.resources import DEFAULT_PORT_RANGE, AgentResources, PortRange
 from corral.api import build_app
-from corral.dns.server import DNSServer
+from corral.dns.server import DNSConfig, DNSServer
 from corral.master.jobs import JobScheduler
 from corral.state import State
 from corral.store import SQLiteStore
@@ -54,6 +55,10 @@ class DevConfig:
     # Overrides of the detected resources, for tests and small machines.
     cpus: float | None = None
     memory: int | None = None
+    # The agent's registry: script-check permissions, sync and reap intervals.
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    # TTLs, health filtering, truncation and recursors of the DNS interface.
+    dns: DNSConfig = field(default_factory=DNSConfig)
 
 
 class DevCluster:
@@ -62,7 +67,7 @@ class DevCluster:
         self.store = SQLiteStore(Path(config.data_dir) / STORE_FILE)
         self.state = State(self.store, datacenter=config.datacenter)
         self.scheduler = JobScheduler(self.state)
-        self.dns = DNSServer(self.state, config.dns_host, config.dns_port)
+        self.dns = DNSServer(self.state, config.dns_host, config.dns_port, config.dns)
         self.agent = Agent(
             LocalConnection(self.state),
             node=config.node,
@@ -71,6 +76,7 @@ class DevCluster:
             data_dir=Path(config.data_dir) / "agent",
             port_range=config.port_range,
             resources_override=self._resource_override,
+            registry_config=config.registry,
         )
         self._runner: web.AppRunner | None = None
         self._started = False
@@ -93,7 +99,7 @@ class DevCluster:
         await self.store.open()
         await self.state.start()
         rpc_addr = f"{config.http_host}:{config.http_port}"
-        app = build_app(self.state, config.node, rpc_addr)
+        app = build_app(self.state, config.node, rpc_addr, agent=self.agent)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.http_host, config.http_port, reuse_address=True)

@@ -2,8 +2,10 @@
 
 Its loop compares the tasks assigned to its node with the runners it has:
 a task the scheduler wants running gets a runner, a task it wants stopped
-has its runner stopped. The agent's local registry is the truth for its
-node, so catalog services of this node that no runner owns are removed.
+has its runner stopped. The agent's local registry (corral.agent.registry)
+contains the services and checks of its node, from its runners and from
+the /v1/agent HTTP API. It runs the checks and is the truth for the node's
+catalog entries.
 """
 
 from __future__ import annotations
@@ -18,16 +20,13 @@ import aiohttp
 
 from corral.agent.connection import ServerConnection
 from corral.agent.process import kill_process_group
+from corral.agent.registry import LocalRegistry, RegistryConfig, serf_health_check
 from corral.agent.resources import AgentResources, PortAllocator, PortsExhausted, detect_resources, ephemeral_port_overlap
 from corral.agent.runner import AgentContext, TaskRunner
-from corral.state.records import AgentInfo, Check, Node, Task
-from corral.types import CheckStatus, DesiredState, TaskState
+from corral.state.records import AgentInfo, Node, Task
+from corral.types import DesiredState, TaskState
 
 log = logging.getLogger(__name__)
-
-# Consul's ID and name for the node check that sessions depend on by default.
-SERF_HEALTH_ID = "serfHealth"
-SERF_HEALTH_NAME = "Serf Health Status"
 
 
 class Agent:
@@ -40,6 +39,7 @@ class Agent:
         data_dir: Path,
         port_range: tuple[int, int] = (20000, 32000),
         resources_override: Callable[[AgentResources], AgentResources] | None = None,
+        registry_config: RegistryConfig | None = None,
     ):
         self.connection = connection
         self.node = node
@@ -53,6 +53,9 @@ class Agent:
         self._http: aiohttp.ClientSession | None = None
         self._context: AgentContext | None = None
         self._pending: set[asyncio.Task] = set()
+        self.registry = LocalRegistry(
+            connection, Node(node, address, datacenter), registry_config, persist_path=self.data_dir / "registry.json"
+        )
 
     async def start(self) -> None:
         if self._loop_task is not None:
@@ -76,15 +79,7 @@ class Agent:
             port_ranges=[list(r) for r in resources.ports],
             registered_at=time.time(),
         )
-        node = Node(self.node, self.address, self.datacenter)
-        serf = Check(
-            node=self.node,
-            id=SERF_HEALTH_ID,
-            name=SERF_HEALTH_NAME,
-            status=CheckStatus.PASSING,
-            output="Agent alive and reachable",
-        )
-        await self.connection.register(info, node, [serf])
+        await self.connection.register(info, self.registry.node, [serf_health_check(self.node)])
         self._http = aiohttp.ClientSession()
         self._context = AgentContext(
             node=self.node,
@@ -93,9 +88,12 @@ class Agent:
             sandboxes=self.data_dir / "sandboxes",
             connection=self.connection,
             ports=PortAllocator(resources.ports, host=self.address),
-            http=self._http,
+            registry=self.registry,
         )
         await self._recover()
+        # The registry has no task service yet, so its first sync also removes the catalog
+        # services of this node that an earlier run left behind.
+        await self.registry.start(self._http)
         self._loop_task = asyncio.create_task(self._run(), name="agent-loop")
         log.info(
             "agent started node=%s address=%s cpus=%g memory=%dMB ports=%d-%d",
@@ -117,6 +115,7 @@ class Agent:
             self.runners.clear()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.registry.stop()
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -128,7 +127,7 @@ class Agent:
         The dev agent stops its tasks when it exits, so a task that is still
         marked as started belongs to a run that ended without cleaning up:
         kill any process of it that is still alive and mark it LOST, so that
-        the scheduler replaces it. Then drop catalog services that no task runs.
+        the scheduler replaces it.
         """
         tasks, _ = await self.connection.assigned_tasks(self.node)
         for task in tasks:
@@ -148,14 +147,6 @@ class Agent:
             await self.connection.update_task(task.id, lose)
             log.info("task state changed task=%s job=%s node=%s from=%s to=LOST: %s",
                      task.id, task.job, self.node, task.state.value, message)
-        await self._remove_orphan_services()
-
-    async def _remove_orphan_services(self) -> None:
-        for service in await self.connection.node_services(self.node):
-            if service.task_id and service.task_id not in self.runners:
-                await self.connection.deregister_service(self.node, service.id)
-                log.info("catalog service removed node=%s id=%s: no running task owns it",
-                         self.node, service.id)
 
     async def _run(self) -> None:
         index = 0

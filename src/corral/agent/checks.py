@@ -1,14 +1,25 @@
-"""Health checks run by the agent: HTTP and TCP probes, and a loop that repeats one."""
+"""Health checks run by the agent: the probes, the loop that repeats one, and TTL timers.
+
+The probes follow Consul's checks (agent/checks/check.go in hashicorp/consul):
+HTTP, TCP, gRPC (the standard grpc.health.v1 protocol) and script checks, each
+graded passing, warning or critical with a human-readable output.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import codecs
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from corral.duration import format_duration
 from corral.types import CheckStatus
 
 logger = logging.getLogger(__name__)
@@ -17,6 +28,12 @@ logger = logging.getLogger(__name__)
 OUTPUT_MAX_SIZE = 4096
 
 _READ_CHUNK_SIZE = 65536
+
+# Consul's User-Agent for HTTP checks, which some services recognize health probes by.
+HTTP_USER_AGENT = "Consul Health Check"
+
+# Consul's default timeout of a script check; other probes default to 10 s.
+SCRIPT_DEFAULT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -72,17 +89,26 @@ async def http_check(
     timeout: float,
     method: str = "GET",
     headers: Mapping[str, list[str]] | None = None,
+    body: str = "",
+    tls_skip_verify: bool = False,
 ) -> CheckResult:
     """Send one HTTP request and grade the response status the way Consul does.
 
     2xx is passing, 429 is warning and any other status is critical, as is a
     connection error or going past timeout seconds, which covers reading the body.
-    headers maps each name to its values, as in Consul's check definitions.
+    headers maps each name to its values, as in Consul's check definitions, and
+    body is sent as the request body when not empty. tls_skip_verify turns off
+    certificate verification for an https URL.
     """
     # A list of pairs, because aiohttp sends a name once per pair.
     request_headers = [
         (name, value) for name, values in (headers or {}).items() for value in values
     ]
+    given = {name.lower() for name, _ in request_headers}
+    if "user-agent" not in given:
+        request_headers.append(("User-Agent", HTTP_USER_AGENT))
+    if "accept" not in given:
+        request_headers.append(("Accept", "text/plain, text/*, */*"))
 
     prefix = f"HTTP {method} {url}"
     try:
@@ -90,16 +116,18 @@ async def http_check(
             method,
             url,
             headers=request_headers,
+            data=body.encode() if body else None,
+            ssl=False if tls_skip_verify else True,
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
-            body, body_size = await _read_capped(response, OUTPUT_MAX_SIZE)
+            captured, body_size = await _read_capped(response, OUTPUT_MAX_SIZE)
     except TimeoutError:
         return CheckResult(CheckStatus.CRITICAL, f"{prefix}: timed out after {timeout:g} s")
     except aiohttp.ClientError as exc:
         reason = str(exc) or type(exc).__name__
         return CheckResult(CheckStatus.CRITICAL, f"{prefix}: request failed: {reason}")
 
-    output = f"{prefix}: {response.status} {response.reason} Output: {cap_output(body, body_size)}"
+    output = f"{prefix}: {response.status} {response.reason} Output: {cap_output(captured, body_size)}"
     return CheckResult(_status_for_http(response.status), output)
 
 
@@ -122,6 +150,184 @@ async def tcp_check(host: str, port: int, timeout: float) -> CheckResult:
         # The peer may reset a connection that we close without sending anything.
         pass
     return CheckResult(CheckStatus.PASSING, f"{prefix}: Success")
+
+
+def split_grpc_target(target: str) -> tuple[str, str]:
+    """Split Consul's gRPC check target "host:port[/service]" into the address and the service name."""
+    address, _, service = target.partition("/")
+    return address, service
+
+
+async def grpc_check(target: str, timeout: float, use_tls: bool = False) -> CheckResult:
+    """Call grpc.health.v1.Health/Check once: passing when the service reports SERVING.
+
+    target is "host:port" or "host:port/service"; without a service the
+    server's overall health is asked for, as in Consul.
+    """
+    address, service = split_grpc_target(target)
+    prefix = f"gRPC check {target}"
+    if use_tls:
+        channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials())
+    else:
+        channel = grpc.aio.insecure_channel(address)
+    try:
+        async with channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return CheckResult(CheckStatus.CRITICAL, f"{prefix}: timed out after {timeout:g} s")
+        detail = f": {exc.details()}" if exc.details() else ""
+        return CheckResult(CheckStatus.CRITICAL, f"{prefix}: failed: {exc.code().name}{detail}")
+    serving = health_pb2.HealthCheckResponse.SERVING
+    if response.status != serving:
+        state = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return CheckResult(CheckStatus.CRITICAL, f"{prefix}: service is {state}, not SERVING")
+    return CheckResult(CheckStatus.PASSING, f"{prefix}: success")
+
+
+async def script_check(args: Sequence[str], timeout: float) -> CheckResult:
+    """Run a command (no shell) and grade its exit code the way Consul grades Nagios plugins.
+
+    Exit code 0 is passing, 1 is warning and anything else critical. The
+    output is stdout and stderr together, capped at OUTPUT_MAX_SIZE bytes
+    from its start (Consul keeps the end instead).
+    Going past timeout seconds kills the command's whole process group.
+    """
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return CheckResult(CheckStatus.CRITICAL, f"script check failed to start {args[0]!r}: {exc}")
+
+    assert process.stdout is not None
+    captured = bytearray()
+    total = 0
+
+    async def read_output() -> None:
+        nonlocal total
+        while chunk := await process.stdout.read(_READ_CHUNK_SIZE):
+            total += len(chunk)
+            if len(captured) < OUTPUT_MAX_SIZE:
+                captured.extend(chunk[: OUTPUT_MAX_SIZE - len(captured)])
+
+    try:
+        async with asyncio.timeout(timeout):
+            await read_output()
+            code = await process.wait()
+    except TimeoutError:
+        _kill_group(process.pid)
+        await process.wait()
+        message = f"Timed out ({format_duration(timeout)}) running check"
+        output = cap_output(bytes(captured), total)
+        return CheckResult(CheckStatus.CRITICAL, f"{message}\n\n{output}" if output else message)
+    finally:
+        if process.returncode is None:
+            _kill_group(process.pid)
+            await process.wait()
+
+    output = cap_output(bytes(captured), total)
+    if code == 0:
+        return CheckResult(CheckStatus.PASSING, output)
+    if code == 1:
+        return CheckResult(CheckStatus.WARNING, output)
+    return CheckResult(CheckStatus.CRITICAL, output)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class StatusThresholds:
+    """Consul's SuccessBeforePassing, FailuresBeforeWarning and FailuresBeforeCritical.
+
+    A probe result changes the check's status only after that many consecutive
+    results of its kind. As in Consul's StatusHandler, the counters start at
+    their thresholds, so the first result of a new check always applies. While
+    failures are below FailuresBeforeCritical but at FailuresBeforeWarning, the
+    check turns warning.
+    """
+
+    def __init__(
+        self,
+        success_before_passing: int = 0,
+        failures_before_warning: int | None = None,
+        failures_before_critical: int = 0,
+    ) -> None:
+        self.success_before_passing = success_before_passing
+        self.failures_before_critical = failures_before_critical
+        if failures_before_warning is None:
+            failures_before_warning = failures_before_critical
+        self.failures_before_warning = failures_before_warning
+        self._successes = success_before_passing
+        self._failures = failures_before_critical
+
+    def apply(self, result: CheckResult) -> CheckResult | None:
+        """Return the result to record, or None while a threshold is not yet reached."""
+        if result.status in (CheckStatus.PASSING, CheckStatus.WARNING):
+            self._successes += 1
+            self._failures = 0
+            if self._successes >= self.success_before_passing:
+                return result
+            return None
+        self._failures += 1
+        self._successes = 0
+        if self._failures >= self.failures_before_critical:
+            return result
+        if self._failures >= self.failures_before_warning:
+            return CheckResult(CheckStatus.WARNING, result.output)
+        return None
+
+
+class TTLTimer:
+    """A timer that calls on_expire(check_id) when reset() is not called again within ttl seconds.
+
+    The timer starts on start(), and every reset() starts the full ttl again,
+    also after it expired, as Consul's TTL checks do.
+    """
+
+    def __init__(self, check_id: str, ttl: float, on_expire: Callable[[str], Awaitable[None]]) -> None:
+        if ttl <= 0:
+            raise ValueError(f"check {check_id}: TTL must be positive, got {ttl}")
+        self.check_id = check_id
+        self.ttl = ttl
+        self._on_expire = on_expire
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._task = asyncio.get_running_loop().create_task(self._wait(), name=f"ttl {self.check_id}")
+
+    async def stop(self) -> None:
+        """Cancel the timer. Safe to call twice or before start()."""
+        task, self._task = self._task, None
+        if task is None or task is asyncio.current_task():
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+
+    async def _wait(self) -> None:
+        await asyncio.sleep(self.ttl)
+        try:
+            await self._on_expire(self.check_id)
+        except Exception:
+            logger.warning("check %s: TTL expiry callback failed", self.check_id, exc_info=True)
 
 
 Probe = Callable[[], Awaitable[CheckResult]]

@@ -53,6 +53,18 @@ class ServerConnection(abc.ABC):
     @abc.abstractmethod
     async def node_services(self, node: str) -> list[Service]: ...
 
+    # Agent registry
+
+    @abc.abstractmethod
+    async def sync_node_catalog(
+        self, node: Node, services: list[Service], checks: list[Check], liveness_check: Check
+    ) -> dict[str, int]:
+        """Make the catalog entries of `node` equal to `services` and `checks` (anti-entropy).
+
+        `liveness_check` is written only when missing and never removed.
+        Returns the counts of services and checks written and removed.
+        """
+
 
 class LocalConnection(ServerConnection):
     """A connection to the server in the same process."""
@@ -91,3 +103,10 @@ class LocalConnection(ServerConnection):
 
     async def node_services(self, node: str) -> list[Service]:
         return self.state.services(node)
+
+    # Agent registry
+
+    async def sync_node_catalog(
+        self, node: Node, services: list[Service], checks: list[Check], liveness_check: Check
+    ) -> dict[str, int]:
+        return await self.state.sync_agent_node(node, services, checks, liveness_check)

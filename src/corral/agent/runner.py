@@ -1,10 +1,11 @@
 """The supervision of one task on its agent, from its ports and environment to its exit.
 
 One TaskRunner per task: it records the task's ports, renders its
-environment from the KV store (waiting while a key is missing), launches
-the process, registers the service instance and runs its check, and
-restarts the process in place with a growing delay when it exits. The
-same task id, instance and service ID survive every restart.
+environment from the KV store (waiting while a key is missing) and
+launches the process. It registers the service instance and its check with
+the agent's local registry, which runs the check, and restarts the process
+in place with a growing delay when it exits. The same task id, instance
+and service ID survive every restart.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-
-from corral.agent.checks import CheckResult, CheckRunner, http_check, tcp_check
 from corral.agent.connection import ServerConnection
 from corral.agent.process import LaunchError, LaunchSpec, RestartBackoff, TaskProcess
+from corral.agent.registry import CheckDefinition, CheckKind, CheckRequest, ConfigSource, LocalRegistry, LocalService
 from corral.agent.resources import PortAllocator
 from corral.duration import format_duration
-from corral.jobspec import CheckKind, Job, parse_job
-from corral.state.records import Check, Service, Task
-from corral.types import CheckStatus, TaskState
+from corral.jobspec import CheckKind as JobCheckKind
+from corral.jobspec import Job, parse_job
+from corral.state.records import Task
+from corral.types import TaskState
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class AgentContext:
     sandboxes: Path
     connection: ServerConnection
     ports: PortAllocator
-    http: aiohttp.ClientSession
+    registry: LocalRegistry
 
 
 def port_env_name(label: str) -> str:
@@ -59,7 +59,7 @@ class TaskRunner:
         self._stop_requested = asyncio.Event()
         self._stop_reason = ""
         self._process: TaskProcess | None = None
-        self._checks: CheckRunner | None = None
+        self._registered = False
         self._backoff = RestartBackoff()
         self._runner: asyncio.Task | None = None
 
@@ -157,7 +157,7 @@ class TaskRunner:
         return wait_exit.result().describe()
 
     async def _cleanup(self) -> None:
-        """Stop the check, deregister the service, and kill what is left of the process group."""
+        """Deregister the service with its check, and kill what is left of the process group."""
         await self._deregister_service()
         if self._process is not None and self._process.pid is not None:
             await self._process.stop()
@@ -235,8 +235,7 @@ class TaskRunner:
         if spec is None or port is None:
             return
         ctx = self.context
-        service = Service(
-            node=ctx.node,
+        service = LocalService(
             id=self.task_id,
             name=spec.name,
             address=ctx.address,
@@ -244,49 +243,40 @@ class TaskRunner:
             tags=list(spec.tags),
             meta={"corral-job": self.task.job, "corral-task": self.task_id},
             task_id=self.task_id,
+            source=ConfigSource.LOCAL,
         )
         checks = []
         if spec.check is not None:
-            checks.append(
-                Check(
-                    node=ctx.node,
-                    id=self._check_id,
-                    name=f"Service '{spec.name}' check",
-                    status=CheckStatus.CRITICAL,
-                    service_id=service.id,
-                    service_name=spec.name,
-                    type=spec.check.kind.value,
-                    interval=format_duration(spec.check.interval),
-                    timeout=format_duration(spec.check.timeout),
-                )
-            )
-        await ctx.connection.register_service(service, checks)
-        if spec.check is not None:
-            self._checks = CheckRunner(self._check_id, self._probe(port), spec.check.interval, self._on_check)
-            self._checks.start()
+            # Consul names a service's own check "service:<service id>".
+            checks.append(CheckRequest(self._check_definition(port), id=f"service:{self.task_id}"))
+        await ctx.registry.add_service(service, checks)
+        self._registered = True
+        await ctx.registry.sync()
 
-    @property
-    def _check_id(self) -> str:
-        # Consul names a service's own check "service:<service id>".
-        return f"service:{self.task_id}"
-
-    def _probe(self, port: int):
+    def _check_definition(self, port: int) -> CheckDefinition:
         check = self.job.service.check
         address = self.context.address
-        if check.kind is CheckKind.HTTP:
-            url = f"http://{address}:{port}{check.path}"
-            return lambda: http_check(self.context.http, url, check.timeout)
-        return lambda: tcp_check(address, port, check.timeout)
-
-    async def _on_check(self, check_id: str, result: CheckResult) -> None:
-        await self.context.connection.update_check(self.context.node, check_id, result.status, result.output)
+        host = f"[{address}]" if ":" in address else address
+        definition = CheckDefinition(
+            CheckKind.HTTP if check.kind is JobCheckKind.HTTP else CheckKind.TCP,
+            interval=check.interval,
+            timeout=check.timeout,
+        )
+        if check.kind is JobCheckKind.HTTP:
+            definition.http = f"http://{host}:{port}{check.path}"
+        else:
+            definition.tcp = f"{host}:{port}"
+        return definition
 
     async def _deregister_service(self) -> None:
-        if self._checks is not None:
-            await self._checks.stop()
-            self._checks = None
-        if self.job.service is not None:
-            await self.context.connection.deregister_service(self.context.node, self.task_id)
+        if not self._registered:
+            return
+        self._registered = False
+        registry = self.context.registry
+        # A client may have removed the instance already through /v1/agent/service/deregister.
+        if registry.service(self.task_id) is not None:
+            await registry.remove_service(self.task_id)
+            await registry.sync()
 
     # Task record
 

@@ -6,7 +6,9 @@ import logging
 
 from aiohttp import web
 
-from corral.api import catalog, jobs, kv, session, txn
+from corral.agent.agent import Agent
+from corral.api import agent as agent_api
+from corral.api import catalog, event, jobs, kv, session, txn
 from corral.api.catalog import SERVER_INFO_KEY
 from corral.api.common import STATE_KEY, text_error
 from corral.state import State
@@ -33,8 +35,11 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         raise text_error(500, "internal error; see the server log") from None
 
 
-def build_app(state: State, node: str, rpc_addr: str) -> web.Application:
-    """Build the application serving `state`; `node` is the local agent's node name."""
+def build_app(state: State, node: str, rpc_addr: str, agent: Agent | None = None) -> web.Application:
+    """Build the application serving `state`; `node` is the local agent's node name.
+
+    With `agent`, the application also serves that agent's /v1/agent endpoints.
+    """
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_SIZE)
     app[STATE_KEY] = state
     app[SERVER_INFO_KEY] = {"node": node, "rpc_addr": rpc_addr}
@@ -44,6 +49,9 @@ def build_app(state: State, node: str, rpc_addr: str) -> web.Application:
     app.on_startup.append(lambda _: sessions.start())
     app.on_cleanup.append(lambda _: sessions.stop())
     catalog.add_routes(app)
+    event.add_routes(app)
     jobs.add_routes(app)
     txn.add_routes(app)
+    if agent is not None:
+        agent_api.add_routes(app, agent)
     return app

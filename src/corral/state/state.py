@@ -28,7 +28,7 @@ from corral.state.records import (
     encode,
 )
 from corral.state.view import View
-from corral.store import Compare, CompareOp, CompareTarget, Delete, Put, Store, StoreError
+from corral.store import Compare, CompareOp, CompareTarget, Delete, KeyValue, Put, Store, StoreError
 from corral.types import CheckStatus, DesiredState
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,13 @@ _UPDATE_ATTEMPTS = 20
 
 class ConflictError(StoreError):
     """A record changed under a read-modify-write more often than it could be retried."""
+
+
+# Catalog
+
+
+class CatalogError(ValueError):
+    """A catalog registration that names a service the node does not have; the message is Consul's."""
 
 
 class State:
@@ -402,27 +409,212 @@ class State:
             found.append((node, service, checks))
         return found
 
+    # Catalog: Consul's /v1/catalog/register and /v1/catalog/deregister
+
+    def find_node(self, name: str) -> Node | None:
+        """Return the node named `name`, matched case-insensitively as Consul matches node names."""
+        node = self.node(name)
+        if node is not None:
+            return node
+        lowered = name.lower()
+        for candidate in self.nodes():
+            if candidate.name.lower() == lowered:
+                return candidate
+        return None
+
+    async def register_catalog_entry(
+        self, node: Node, service: Service | None, checks: list[Check], skip_node_update: bool = False
+    ) -> bool:
+        """Register a node, and optionally a service and checks on it, in one transaction.
+
+        With `skip_node_update`, an existing node record is left as it is.
+        Records equal to the stored ones are not rewritten, so their indexes
+        do not move. Returns whether anything was written. Raises
+        CatalogError when a check names a service the node does not have.
+        """
+        for _ in range(_UPDATE_ATTEMPTS):
+            compares, ops = self._catalog_entry_ops(node, service, checks, skip_node_update)
+            if not ops:
+                return False
+            if await self._commit(compares, ops):
+                log.info(
+                    "catalog entry registered node=%s service=%s checks=%d",
+                    node.name, service.id if service else "-", len(checks),
+                )
+                return True
+        raise ConflictError(f"catalog entries of node {node.name} changed concurrently {_UPDATE_ATTEMPTS} times")
+
+    def _catalog_entry_ops(
+        self, node: Node, service: Service | None, checks: list[Check], skip_node_update: bool
+    ) -> tuple[list[Compare], list[Put]]:
+        # Every key read here is compared at commit, so a concurrent deregistration
+        # cannot leave a check without its service.
+        compares: list[Compare] = []
+        ops: list[Put] = []
+        node_key = records.node_key(node.name)
+        node_kv = self.view.get(node_key)
+        compares.append(_mod_revision_is(node_key, node_kv.mod_revision if node_kv else 0))
+        if node_kv is None or not skip_node_update:
+            _put_if_changed(ops, node_key, node_kv, encode(node))
+
+        registered: dict[str, Service] = {}
+        if service is not None:
+            key = records.service_key(node.name, service.id)
+            kv = self.view.get(key)
+            if kv is not None and not service.task_id:
+                # A catalog write keeps the link to the task that corral runs for this instance.
+                service.task_id = Service.decode(kv.value).task_id
+            compares.append(_mod_revision_is(key, kv.mod_revision if kv else 0))
+            _put_if_changed(ops, key, kv, encode(service))
+            registered[service.id] = service
+
+        for check in checks:
+            if check.service_id:
+                owner = registered.get(check.service_id)
+                if owner is None:
+                    key = records.service_key(node.name, check.service_id)
+                    kv = self.view.get(key)
+                    if kv is None:
+                        raise CatalogError(
+                            f'failed inserting check: Missing service registration on node "{node.name}"'
+                        )
+                    compares.append(_mod_revision_is(key, kv.mod_revision))
+                    owner = Service.decode(kv.value)
+                check.service_name = owner.name
+            key = records.check_key(node.name, check.id)
+            kv = self.view.get(key)
+            compares.append(_mod_revision_is(key, kv.mod_revision if kv else 0))
+            _put_if_changed(ops, key, kv, encode(check))
+        return compares, ops
+
+    async def deregister_node(self, name: str) -> bool:
+        """Remove a node with its services, checks and sessions in one transaction.
+
+        The SessionManager detects the deleted sessions and releases (or
+        deletes) the locks they held. Returns False when the node is not registered.
+        """
+        key = records.node_key(name)
+        if self.view.get(key) is None:
+            return False
+        sessions = self.sessions(node=name)
+        ops = [
+            Delete(records.SERVICES + f"{name}/".encode(), prefix=True),
+            Delete(records.CHECKS + f"{name}/".encode(), prefix=True),
+            *(Delete(records.session_key(session.id)) for session in sessions),
+            Delete(key),
+        ]
+        await self._commit([], ops)
+        for session in sessions:
+            if session.lease:
+                # The session key is gone already, so this only drops the lease.
+                await self.store.revoke_lease(session.lease)
+        log.info("catalog node deregistered node=%s sessions=%d", name, len(sessions))
+        return True
+
+    async def deregister_check(self, node: str, check_id: str) -> bool:
+        """Remove one check; return False when it is not registered."""
+        key = records.check_key(node, check_id)
+        if self.view.get(key) is None:
+            return False
+        await self._commit([], [Delete(key)])
+        log.info("catalog check deregistered node=%s check=%s", node, check_id)
+        return True
+
+    # Agent registry
+
+    async def sync_agent_node(
+        self, node: Node, services: list[Service], checks: list[Check], liveness_check: Check
+    ) -> dict[str, int]:
+        """Make the catalog entries of an agent's node equal to its local registry, in one write.
+
+        Writes the node record when it differs, `liveness_check` (serfHealth)
+        only when it is missing, and every service and check that differs from
+        the stored one, then deletes this node's other services and checks
+        (except the liveness check). Unchanged records are not rewritten, so
+        their indexes do not move. Returns how many services and checks were
+        written and removed.
+        """
+        ops: list[Put | Delete] = []
+        node_key = records.node_key(node.name)
+        stored_node = self.view.get(node_key)
+        if stored_node is None or Node.decode(stored_node.value) != node:
+            ops.append(Put(node_key, encode(node)))
+        liveness_key = records.check_key(node.name, liveness_check.id)
+        if self.view.get(liveness_key) is None:
+            ops.append(Put(liveness_key, encode(liveness_check)))
+
+        counts = {"services_written": 0, "services_removed": 0, "checks_written": 0, "checks_removed": 0}
+        wanted_services = {records.service_key(node.name, service.id): service for service in services}
+        for kv in self.view.range(records.SERVICES + f"{node.name}/".encode()):
+            if kv.key not in wanted_services:
+                ops.append(Delete(kv.key))
+                counts["services_removed"] += 1
+        for key, service in wanted_services.items():
+            stored = self.view.get(key)
+            if stored is None or Service.decode(stored.value) != service:
+                ops.append(Put(key, encode(service)))
+                counts["services_written"] += 1
+
+        wanted_checks = {records.check_key(node.name, check.id): check for check in checks}
+        for kv in self.view.range(records.CHECKS + f"{node.name}/".encode()):
+            if kv.key not in wanted_checks and kv.key != liveness_key:
+                ops.append(Delete(kv.key))
+                counts["checks_removed"] += 1
+        for key, check in wanted_checks.items():
+            stored = self.view.get(key)
+            if stored is None or Check.decode(stored.value) != check:
+                ops.append(Put(key, encode(check)))
+                counts["checks_written"] += 1
+
+        if ops:
+            await self._commit([], ops)
+        return counts
+
     # The DNSCatalog protocol
 
     def service_instances(self, name: str, tag: str | None) -> list[DNSInstance]:
+        """Return the instances DNS may return, each with the worst status of its checks.
+
+        An instance with a critical or maintenance check, its own or its node's, is left out.
+        """
         wanted_tag = tag.lower() if tag else None
         instances = []
         for node, service, checks in self.service_instances_with_checks(name):
-            if any(check.status is CheckStatus.CRITICAL for check in checks):
+            statuses = {check.status for check in checks}
+            if CheckStatus.CRITICAL in statuses or CheckStatus.MAINTENANCE in statuses:
                 continue
             if wanted_tag and wanted_tag not in (t.lower() for t in service.tags):
                 continue
+            status = CheckStatus.WARNING if CheckStatus.WARNING in statuses else CheckStatus.PASSING
             instances.append(
-                DNSInstance(node.name, node.address, service.address, service.port, tuple(service.tags))
+                DNSInstance(node.name, node.address, service.address, service.port, tuple(service.tags), status)
             )
         return instances
 
-    def node_address(self, name: str) -> str | None:
+    def dns_node(self, name: str) -> Node | None:
+        node = self.node(name)
+        if node is not None:
+            return node
         wanted = name.lower()
-        for node in self.nodes():
-            if node.name.lower() == wanted:
-                return node.address
+        for candidate in self.nodes():
+            if candidate.name.lower() == wanted:
+                return candidate
         return None
+
+    def node_address(self, name: str) -> str | None:
+        node = self.dns_node(name)
+        return node.address if node is not None else None
+
+    def watch_catalog(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` after each write to nodes, services or checks; return a function that stops it."""
+        prefixes = (records.NODES, records.SERVICES, records.CHECKS)
+
+        def on_batch(batch: list) -> None:
+            if any(event.kv.key.startswith(prefixes) for event in batch):
+                callback()
+
+        self.view.add_listener(on_batch)
+        return lambda: self.view.remove_listener(on_batch)
 
 
 def _without_count(spec: dict) -> dict:
@@ -435,3 +627,11 @@ def _mod_revision_is(key: bytes, revision: int) -> Compare:
 
 def _mod_revision_above(key: bytes, revision: int) -> Compare:
     return Compare(key, CompareTarget.MOD, CompareOp.GREATER, revision)
+
+
+# Catalog
+
+
+def _put_if_changed(ops: list[Put], key: bytes, current: KeyValue | None, value: bytes) -> None:
+    if current is None or current.value != value:
+        ops.append(Put(key, value))

@@ -113,6 +113,11 @@ class View:
         """Call `listener` with every batch of events after the view has applied it."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling `listener`; a listener that was never added is ignored."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     # Reads
 
     def get(self, key: bytes) -> KeyValue | None:
