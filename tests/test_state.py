@@ -11,9 +11,10 @@ import pytest
 from corral.dns.server import DNSInstance
 from corral.jobspec import Job, parse_job
 from corral.state import State
-from corral.state.records import Check, Node, Service
+from corral.state import records
+from corral.state.records import Check, Node, Service, Session
 from corral.store import SQLiteStore
-from corral.types import CheckStatus
+from corral.types import CheckStatus, SessionBehavior
 
 
 @pytest.fixture
@@ -612,3 +613,27 @@ async def test_index_after_delete_survives_reopen(tmp_path):
         await second_store.close()
 
     assert reopened_index >= index
+
+
+async def _add_session(state: State, session_id: str) -> None:
+    session = Session(session_id, "test", "node1", [], SessionBehavior.RELEASE, lock_delay=0.0)
+    revision = await state.store.put(records.session_key(session_id), records.encode(session))
+    await state.view.wait_for_revision(revision)
+
+
+async def test_concurrent_plain_puts_all_apply(state):
+    results = await asyncio.gather(*(state.kv_put("hot", f"v{i}".encode()) for i in range(50)))
+    assert all(results)
+    assert state.kv_get("hot").value.startswith(b"v")
+
+
+async def test_plain_puts_keep_concurrent_acquire(state):
+    await _add_session(state, "s1")
+    await state.kv_put("contended", b"before")
+    # The acquire commits first in the store's batch, after the plain writes have read
+    # the unlocked entry, so each plain write must notice the lock and keep it.
+    acquire = state.kv_lock("contended", b"locked", 0, "s1", acquire=True)
+    writes = [state.kv_put("contended", f"v{i}".encode()) for i in range(30)]
+    results = await asyncio.gather(acquire, *writes)
+    assert results[0] is True
+    assert state.kv_get("contended").session == "s1"

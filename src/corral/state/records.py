@@ -3,6 +3,7 @@
 Key layout (every key is bytes, every record value is JSON):
 
     kv/<key>                       a KV entry: a JSON header line, then the raw value
+    kvlock/<key>                   an empty marker rewritten by every acquire of the key
     jobs/<job>                     a submitted job and its spec
     jobstatus/<job>                the scheduler's placement results for a job
     tasks/<task id>                a task: where it runs, its desired and actual state
@@ -24,6 +25,7 @@ import orjson
 from corral.types import CheckStatus, DesiredState, SessionBehavior, TaskState
 
 KV = b"kv/"
+KV_LOCK = b"kvlock/"
 JOBS = b"jobs/"
 JOB_STATUS = b"jobstatus/"
 TASKS = b"tasks/"
@@ -36,6 +38,11 @@ SESSIONS = b"sessions/"
 
 def kv_key(key: str) -> bytes:
     return KV + key.encode()
+
+
+def kv_lock_key(key: str) -> bytes:
+    # NOTE: markers are not deleted with their keys; one stays for each key ever acquired.
+    return KV_LOCK + key.encode()
 
 
 def job_key(name: str) -> bytes:

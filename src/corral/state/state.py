@@ -103,18 +103,22 @@ class State:
             # A plain write keeps the lock fields: locks in Consul's KV are advisory.
             entry.lock_index = existing.lock_index
             entry.session = existing.session
-        compares = []
         if cas is not None:
-            compares.append(_mod_revision_is(store_key, cas))
-        elif existing is not None:
-            compares.append(_mod_revision_is(store_key, existing.modify_index))
+            compares = [_mod_revision_is(store_key, cas)]
+        elif existing is None or (not existing.session and not existing.lock_index):
+            # The lock fields are empty, and only an acquire can set them, which
+            # bumps the key's lock marker. Comparing the marker instead of the key
+            # lets concurrent plain writes of one key commit together.
+            marker = records.kv_lock_key(key)
+            marker_kv = self.view.get(marker)
+            compares = [_mod_revision_is(marker, marker_kv.mod_revision if marker_kv else 0)]
         else:
-            compares.append(_mod_revision_is(store_key, 0))
+            compares = [_mod_revision_is(store_key, existing.modify_index)]
         if await self._commit(compares, [Put(store_key, entry.encode())]):
             return True
         if cas is not None:
             return False
-        # Someone wrote between our read and our write: retry with the new lock fields.
+        # The lock fields changed between our read and our write: retry with the new ones.
         return await self.kv_put(key, value, flags)
 
     async def kv_lock(
@@ -143,7 +147,10 @@ class State:
             if acquire:
                 # The session must still exist when the write lands.
                 compares.append(_mod_revision_above(records.session_key(session_id), 0))
-            if await self._commit(compares, [Put(store_key, outcome.entry.encode())]):
+            ops = [Put(store_key, outcome.entry.encode())]
+            if acquire:
+                ops.append(Put(records.kv_lock_key(key), b""))
+            if await self._commit(compares, ops):
                 return True
         raise ConflictError(f"key {key} changed concurrently {_UPDATE_ATTEMPTS} times")
 

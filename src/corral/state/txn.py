@@ -316,6 +316,8 @@ def _lock(evaluation: _Evaluation, op: KVOp) -> None:
     if outcome.entry is None:
         raise _OperationFailed(f"failed to lock key {_quote(op.key)}, lock is already held")
     evaluation.put(_written(existing, outcome.entry))
+    # Plain writes of an unlocked key compare this marker; see State.kv_put.
+    evaluation.store_ops.append(Put(records.kv_lock_key(op.key), b""))
     evaluation.add_result(outcome.entry, with_value=False)
 
 
