@@ -172,3 +172,16 @@ def test_job_status_shows_instances(small_cluster):
         assert str(task["PID"]) in result.stdout
         assert str(task["Ports"]["http"]) in result.stdout
     small_cluster.cli("job", "stop", "hello-web")
+
+
+def test_kv_max_value_size_flag(tmp_path):
+    dev = DevProcess(tmp_path / "data", tmp_path / "corral-dev.log", extra_args=["--kv-max-value-size", "16"])
+    dev.start()
+    try:
+        small = dev.cli("kv", "put", "limit/small", "x" * 16, check=False)
+        large = dev.cli("kv", "put", "limit/large", "x" * 17, check=False)
+        assert small.returncode == 0
+        assert large.returncode == 1
+        assert "max size: 16 bytes" in large.stderr
+    finally:
+        assert dev.stop() == 0

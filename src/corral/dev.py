@@ -55,6 +55,8 @@ class DevConfig:
     # Overrides of the detected resources, for tests and small machines.
     cpus: float | None = None
     memory: int | None = None
+    # The largest KV value a PUT may store, in bytes (Consul's kv_max_value_size).
+    kv_max_value_size: int = 512 * 1024
     # The agent's registry: script-check permissions, sync and reap intervals.
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     # TTLs, health filtering, truncation and recursors of the DNS interface.
@@ -99,7 +101,9 @@ class DevCluster:
         await self.store.open()
         await self.state.start()
         rpc_addr = f"{config.http_host}:{config.http_port}"
-        app = build_app(self.state, config.node, rpc_addr, agent=self.agent)
+        app = build_app(
+            self.state, config.node, rpc_addr, agent=self.agent, kv_max_value_size=config.kv_max_value_size
+        )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, config.http_host, config.http_port, reuse_address=True)

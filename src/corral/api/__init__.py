@@ -17,8 +17,8 @@ from corral.store import StoreError
 
 log = logging.getLogger(__name__)
 
-# Bodies larger than the biggest KV value plus room for a job definition are rejected.
-MAX_BODY_SIZE = kv.MAX_VALUE_SIZE + 64 * 1024
+# Room beyond the biggest KV value, for the largest job definition or session body.
+_BODY_HEADROOM = 64 * 1024
 
 
 @web.middleware
@@ -35,13 +35,20 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         raise text_error(500, "internal error; see the server log") from None
 
 
-def build_app(state: State, node: str, rpc_addr: str, agent: Agent | None = None) -> web.Application:
+def build_app(
+    state: State,
+    node: str,
+    rpc_addr: str,
+    agent: Agent | None = None,
+    kv_max_value_size: int = kv.MAX_VALUE_SIZE,
+) -> web.Application:
     """Build the application serving `state`; `node` is the local agent's node name.
 
     With `agent`, the application also serves that agent's /v1/agent endpoints.
     """
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_SIZE)
+    app = web.Application(middlewares=[_errors], client_max_size=kv_max_value_size + _BODY_HEADROOM)
     app[STATE_KEY] = state
+    app[kv.MAX_VALUE_SIZE_KEY] = kv_max_value_size
     app[SERVER_INFO_KEY] = {"node": node, "rpc_addr": rpc_addr}
     kv.add_routes(app)
     sessions = SessionManager(state)

@@ -30,6 +30,9 @@ from corral.state.records import KVEntry, kv_key
 # Consul's default limit on a KV value (kv_max_value_size).
 MAX_VALUE_SIZE = 512 * 1024
 
+# The limit this application applies, from corral dev's --kv-max-value-size.
+MAX_VALUE_SIZE_KEY = web.AppKey("kv_max_value_size", int)
+
 
 def _key_of(request: web.Request, required: bool) -> str:
     """Return the key from the path, decoded once, or raise 400 for a malformed one."""
@@ -47,7 +50,7 @@ def _key_of(request: web.Request, required: bool) -> str:
     return key
 
 
-def _entry_to_api(entry: KVEntry) -> dict:
+def entry_to_api(entry: KVEntry) -> dict:
     data = {
         "LockIndex": entry.lock_index,
         "Key": entry.key,
@@ -90,7 +93,7 @@ async def get_kv(request: web.Request) -> web.StreamResponse:
         response.headers["Content-Security-Policy"] = "sandbox"
         set_index_headers(response, index)
         return response
-    return json_response([_entry_to_api(entry) for entry in entries], index=index)
+    return json_response([entry_to_api(entry) for entry in entries], index=index)
 
 
 def _keys_response(entries: list[KVEntry], prefix: str, separator: str, index: int) -> web.Response:
@@ -134,25 +137,26 @@ async def put_kv(request: web.Request) -> web.Response:
 
 
 async def _read_value(request: web.Request) -> bytes:
-    """Read the whole request body, or raise 413 once it exceeds MAX_VALUE_SIZE."""
-    if request.content_length is not None and request.content_length > MAX_VALUE_SIZE:
-        raise _too_large(f"{request.content_length} bytes")
+    """Read the whole request body, or raise 413 once it exceeds the KV value size limit."""
+    limit = request.app.get(MAX_VALUE_SIZE_KEY, MAX_VALUE_SIZE)
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(f"{request.content_length} bytes", limit)
     # StreamReader.read(n) returns only what has arrived so far, so a body that
     # comes in several TCP segments or chunks is read in a loop.
     chunks = []
     size = 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
-        if size > MAX_VALUE_SIZE:
-            raise _too_large(f"at least {size} bytes")
+        if size > limit:
+            raise _too_large(f"at least {size} bytes", limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(size: str) -> web.HTTPException:
+def _too_large(size: str, limit: int) -> web.HTTPException:
     return text_error(
         413,
-        f"Request body({size}) too large, max size: {MAX_VALUE_SIZE} bytes. "
+        f"Request body({size}) too large, max size: {limit} bytes. "
         "See https://developer.hashicorp.com/consul/docs/agent/config/config-files#kv_max_value_size.",
     )
 

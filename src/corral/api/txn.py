@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from corral.api.common import check_datacenter, json_response, state_of, text_error
-from corral.api.kv import MAX_VALUE_SIZE, _entry_to_api
+from corral.api.kv import MAX_VALUE_SIZE, entry_to_api
 from corral.state.txn import KVOp, KVVerb, TxnOutcome, apply_kv_txn
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _response(outcome: TxnOutcome) -> web.Response:
         }
         index = outcome.index if outcome.read_only else None
         return json_response(body, status=409, index=index)
-    body = {"Results": [{"KV": _entry_to_api(entry)} for entry in outcome.results], "Errors": None}
+    body = {"Results": [{"KV": entry_to_api(entry)} for entry in outcome.results], "Errors": None}
     return json_response(body, index=outcome.index)
 
 

@@ -77,6 +77,8 @@ def _port_range(ctx, param, value: str) -> tuple[int, int]:
               help="CPUs the agent offers [default: the number of logical CPUs].")
 @click.option("--memory", type=click.IntRange(min=1), default=None,
               help="Memory in MB the agent offers [default: the machine's total memory].")
+@click.option("--kv-max-value-size", type=click.IntRange(min=1), default=512 * 1024, show_default=True,
+              help="Largest KV value a PUT may store, in bytes; larger ones are rejected with 413.")
 @click.option("--dns-node-ttl", default="0s", show_default=True, callback=_parsed(parse_ttl),
               help="TTL of DNS answers for node and .addr lookups, a duration such as 10s.")
 @click.option("--dns-service-ttl", "dns_service_ttls", multiple=True, callback=_parsed(parse_service_ttl),
@@ -103,7 +105,7 @@ def _port_range(ctx, param, value: str) -> tuple[int, int]:
                    "off by default.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Lowest level of log lines to print.")
-def dev(data_dir, http_addr, dns_addr, node, datacenter, port_range, cpus, memory, dns_node_ttl,
+def dev(data_dir, http_addr, dns_addr, node, datacenter, port_range, cpus, memory, kv_max_value_size, dns_node_ttl,
         dns_service_ttls, dns_only_passing, dns_enable_truncate, dns_recursors, dns_recursor_timeout, dns_cache_mb,
         enable_script_checks, log_level) -> None:
     """Run a server and an agent in one process, with the embedded store.
@@ -126,6 +128,7 @@ def dev(data_dir, http_addr, dns_addr, node, datacenter, port_range, cpus, memor
         port_range=port_range,
         cpus=cpus,
         memory=memory,
+        kv_max_value_size=kv_max_value_size,
         registry=RegistryConfig(enable_script_checks=enable_script_checks),
         dns=DNSConfig(
             node_ttl=dns_node_ttl,
