@@ -1,4 +1,9 @@
-"""Tests for corral.agent.process, run against real child processes."""
+"""Tests for corral.agent.process, run against real child processes.
+
+TaskProcess starts each task through its executor (corral.agent.executor),
+so these tests also cover the executor's process group, output, exit
+status and kill handling. tests/test_executor.py covers the rest.
+"""
 
 from __future__ import annotations
 

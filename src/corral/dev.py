@@ -24,12 +24,16 @@ from corral.agent.resources import DEFAULT_PORT_RANGE, AgentResources, PortRange
 from corral.api import build_app
 from corral.dns.server import DNSConfig, DNSServer
 from corral.master.jobs import JobScheduler
+from corral.metrics import Metrics
 from corral.state import State
 from corral.store import SQLiteStore
 
 log = logging.getLogger(__name__)
 
 STORE_FILE = "corral.db"
+
+# Seconds that requests in progress get to finish when corral dev stops.
+HTTP_SHUTDOWN_TIMEOUT = 5.0
 
 
 class ListenError(Exception):
@@ -69,7 +73,10 @@ class DevCluster:
         self.store = SQLiteStore(Path(config.data_dir) / STORE_FILE)
         self.state = State(self.store, datacenter=config.datacenter)
         self.scheduler = JobScheduler(self.state)
-        self.dns = DNSServer(self.state, config.dns_host, config.dns_port, config.dns)
+        self.metrics = Metrics()
+        self.dns = DNSServer(
+            self.state, config.dns_host, config.dns_port, config.dns, on_response=self.metrics.observe_dns_response
+        )
         self.agent = Agent(
             LocalConnection(self.state),
             node=config.node,
@@ -80,6 +87,7 @@ class DevCluster:
             resources_override=self._resource_override,
             registry_config=config.registry,
         )
+        self.agent.registry.on_check_result = self.metrics.observe_check_result
         self._runner: web.AppRunner | None = None
         self._started = False
 
@@ -102,11 +110,20 @@ class DevCluster:
         await self.state.start()
         rpc_addr = f"{config.http_host}:{config.http_port}"
         app = build_app(
-            self.state, config.node, rpc_addr, agent=self.agent, kv_max_value_size=config.kv_max_value_size
+            self.state, config.node, rpc_addr, agent=self.agent, kv_max_value_size=config.kv_max_value_size,
+            metrics=self.metrics,
         )
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Blocking queries wait up to 10 minutes, and aiohttp waits for running handlers
+        # when it stops (60 s by default); after this many seconds they are cancelled.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.http_host, config.http_port, reuse_address=True)
+        # A deep accept queue, so that thousands of blocking queries connecting at once are
+        # not dropped and retried a second later (aiohttp's default backlog is 128).
+        site = web.TCPSite(
+            self._runner, config.http_host, config.http_port, reuse_address=True, backlog=socket.SOMAXCONN
+        )
         try:
             await site.start()
         except OSError as exc:

@@ -1,4 +1,13 @@
-"""Launch and supervise one task's command as its own process group on asyncio."""
+"""Launch and supervise one task's command through its executor, on asyncio.
+
+TaskProcess starts a task through `python -m corral.agent.executor`
+(corral.agent.executor), which runs the task in its own process group and
+session, limits it, reaps it and records its exit status in the sandbox,
+and which keeps running when the agent stops. TaskProcess watches the
+executor through a pidfd, requests a kill with SIGTERM to the executor,
+and reads the outcome from the executor's state files. After the agent
+itself restarted, recover_task_process finds a task's executor again.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +15,24 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+from corral.agent.cgroups import Limits, TaskCgroup
+from corral.agent.executor import (
+    EXIT_LAUNCH_FAILED,
+    ExecutorFiles,
+    ExecutorStateError,
+    LaunchRecord,
+    read_json,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +44,13 @@ CREATE_TIME_TOLERANCE = 1.0
 # How often kill_process_group polls for a process that is not our child.
 _POLL_INTERVAL = 0.05
 
+# How often an executor is polled where the kernel has no pidfd.
+_EXECUTOR_POLL_INTERVAL = 0.1
+
+# How long the executor may take to report that the task started or failed to start.
+LAUNCH_TIMEOUT = 30.0
+# How long past the kill grace period stop() waits for the executor before killing it.
+EXECUTOR_STOP_MARGIN = 5.0
 
 class LaunchError(Exception):
     """Raised when a task's command cannot be started."""
@@ -44,14 +73,28 @@ class LaunchSpec:
     sandbox: Path
     # Seconds between SIGTERM and SIGKILL when stopping.
     kill_timeout: float
+    # The job the task belongs to, recorded in the sandbox for garbage collection.
+    job: str = ""
+    # CPU and memory limits; empty means none.
+    limits: Limits = field(default_factory=Limits)
+    # False makes the executor use rlimits even where cgroups work.
+    use_cgroups: bool = True
 
 
 @dataclass(frozen=True)
 class ExitStatus:
-    """How a process ended: an exit code, or the signal that killed it."""
+    """The end of a process: an exit code, or the signal that killed it.
+
+    oom_killed is set when the kernel's OOM killer ended a process of the task
+    at its cgroup memory limit. unknown_reason is set instead of a code and a
+    signal when no exit status was recorded, and gives the reason.
+    """
 
     code: int | None
     signal: int | None
+    oom_killed: bool = False
+    memory_limit_mb: int | None = None
+    unknown_reason: str = ""
 
     @classmethod
     def from_returncode(cls, returncode: int) -> ExitStatus:
@@ -60,15 +103,41 @@ class ExitStatus:
             return cls(code=None, signal=-returncode)
         return cls(code=returncode, signal=None)
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ExitStatus:
+        """Build a status from the executor's exit.json."""
+        return cls(
+            code=record.get("code"),
+            signal=record.get("signal"),
+            oom_killed=bool(record.get("oom_killed")),
+            memory_limit_mb=record.get("memory_limit_mb"),
+            unknown_reason=record.get("unknown_reason") or "",
+        )
+
+    @classmethod
+    def unknown(cls, reason: str) -> ExitStatus:
+        return cls(code=None, signal=None, unknown_reason=reason)
+
     @property
     def success(self) -> bool:
         return self.code == 0
 
     def describe(self) -> str:
-        """Return e.g. "exited with code 3" or "killed by signal 9 (SIGKILL)"."""
+        """Return e.g. "exited with code 3", "killed by signal 9 (SIGKILL)" or an out-of-memory reason."""
+        if self.unknown_reason:
+            return f"exit status unknown: {self.unknown_reason}"
         if self.signal is not None:
-            return f"killed by signal {self.signal} ({_signal_name(self.signal)})"
-        return f"exited with code {self.code}"
+            ending = f"killed by signal {self.signal} ({_signal_name(self.signal)})"
+        else:
+            ending = f"exited with code {self.code}"
+        if not self.oom_killed:
+            return ending
+        limit = "its memory limit"
+        if self.memory_limit_mb is not None:
+            limit = f"its memory limit of {self.memory_limit_mb} MB"
+        if self.signal == signal.SIGKILL:
+            return f"out of memory: reached {limit} and was killed by the kernel's OOM killer (signal 9, SIGKILL)"
+        return f"{ending} after the kernel's OOM killer ended one of its processes at {limit}"
 
 
 def _signal_name(number: int) -> str:
@@ -124,19 +193,33 @@ def _signal_group(pgid: int, signum: int) -> bool:
 
 
 class TaskProcess:
-    """One task's process, started in its own session so that stop() reaches its children."""
+    """One task run, started and supervised through its executor.
+
+    pid is the task's main process, which leads its own session and process
+    group; the executor is a separate process that outlives the agent.
+    """
 
     def __init__(self, spec: LaunchSpec) -> None:
         if not spec.argv:
             raise ValueError(f"task {spec.task_id}: argv is empty")
         self.spec = spec
+        self.files = ExecutorFiles(spec.sandbox)
         self.pid: int | None = None
         # psutil's create time of the process, saved so that a restarted agent can
         # tell the task's process from an unrelated one that reused the pid.
         self.create_time: float | None = None
-        self._process: asyncio.subprocess.Process | None = None
+        self.executor_pid: int | None = None
+        self.executor_create_time: float | None = None
+        self._started = False
+        self._pidfd: int | None = None
+        self._poll_executor = False
+        self._cgroup_record: dict | None = None
+        self._watcher: asyncio.Task[ExitStatus] | None = None
         self._exit_status: ExitStatus | None = None
         self._stop_lock = asyncio.Lock()
+        self._released = False
+        # Why the executor was killed from here, for the status recorded in its place.
+        self._kill_reason = ""
 
     @property
     def pgid(self) -> int | None:
@@ -145,25 +228,31 @@ class TaskProcess:
 
     @property
     def running(self) -> bool:
-        """Whether the process has started and has not been reaped yet."""
-        return self._process is not None and self._process.returncode is None
+        """Whether the task has started and its end has not been seen yet."""
+        return self.pid is not None and self._exit_status is None
 
     @property
     def exit_status(self) -> ExitStatus | None:
         """How the process ended, or None while it runs or before start()."""
-        if self._exit_status is None and self._process is not None:
-            if self._process.returncode is not None:
-                self._exit_status = ExitStatus.from_returncode(self._process.returncode)
         return self._exit_status
 
-    async def start(self) -> int:
-        """Launch the command and return its pid.
+    @property
+    def released(self) -> bool:
+        """Whether release() handed the process back to its executor alone."""
+        return self._released
 
-        Raises LaunchError naming the task, argv[0] and the OS error when the
-        sandbox, the working directory or the command is missing or unusable.
+    # Launch
+
+    async def start(self) -> int:
+        """Start the executor, which starts the command; return the command's pid.
+
+        Raises LaunchError naming the task, argv[0] and the reason when the
+        sandbox, the working directory or the command is missing or unusable,
+        or when the executor cannot start.
         """
-        if self._process is not None:
+        if self._started:
             raise RuntimeError(f"task {self.spec.task_id}: process already started")
+        self._started = True
         spec = self.spec
         command = spec.argv[0]
         try:
@@ -173,97 +262,340 @@ class TaskProcess:
                 f"task {spec.task_id}: failed to launch {command!r}: "
                 f"cannot create sandbox {spec.sandbox}: {exc}"
             ) from exc
-
-        workdir = Path(spec.cwd) if spec.cwd is not None else spec.sandbox
+        # Absolute, because the executor runs from "/" and may outlive the agent's cwd.
+        workdir = Path(os.path.abspath(spec.cwd if spec.cwd is not None else spec.sandbox))
         executable = _resolve_command(spec, workdir)
+        record = LaunchRecord(
+            task_id=spec.task_id,
+            job=spec.job,
+            argv=list(spec.argv),
+            executable=executable,
+            env=dict(spec.env),
+            cwd=str(workdir),
+            kill_timeout=spec.kill_timeout,
+            limits=spec.limits,
+            use_cgroups=spec.use_cgroups,
+        )
         try:
-            with (
-                open(spec.sandbox / "stdout", "ab") as stdout,
-                open(spec.sandbox / "stderr", "ab") as stderr,
-            ):
-                self._process = await asyncio.create_subprocess_exec(
-                    *spec.argv,
-                    executable=executable,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=stdout,
-                    stderr=stderr,
-                    env=spec.env,
-                    cwd=workdir,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-        except OSError as exc:
-            raise LaunchError(f"task {spec.task_id}: failed to launch {command!r}: {exc}") from exc
-
-        self.pid = self._process.pid
-        try:
-            self.create_time = psutil.Process(self.pid).create_time()
-        except psutil.Error:
-            # The process can already be gone and reaped when the command exits at once.
-            self.create_time = None
-        logger.debug("task %s: started %r as pid %d", spec.task_id, command, self.pid)
+            returncode = await asyncio.to_thread(self._run_executor, record)
+            executor, task, ended = await asyncio.to_thread(self._read_launch_outcome)
+        except (OSError, ExecutorStateError) as exc:
+            raise LaunchError(f"task {spec.task_id}: failed to launch {command!r}: executor: {exc}") from exc
+        if ended is not None and "launch_error" in ended:
+            raise LaunchError(f"task {spec.task_id}: failed to launch {command!r}: {ended['launch_error']}")
+        if executor is None or task is None:
+            raise LaunchError(
+                f"task {spec.task_id}: failed to launch {command!r}: the executor exited with code "
+                f"{returncode} before starting it; see {self.files.log}"
+            )
+        self._take_records(executor, task)
+        self._attach_executor()
+        self._start_watcher()
+        logger.debug("task %s: started %r as pid %d under executor pid %d",
+                     spec.task_id, command, self.pid, self.executor_pid)
         return self.pid
 
+    def _run_executor(self, record: LaunchRecord) -> int:
+        """Write launch.json, run the executor's launcher and return its exit code. Blocks."""
+        self.files.reset()
+        write_json(self.files.launch, record.to_dict())
+        with open(self.files.log, "ab") as log_file:
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "corral.agent.executor", "--sandbox", os.path.abspath(self.spec.sandbox)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                cwd="/",
+                # Its own session: a signal to the agent's process group never reaches the executor.
+                start_new_session=True,
+                close_fds=True,
+            )
+        try:
+            return launcher.wait(timeout=LAUNCH_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+            raise OSError(f"no report within {LAUNCH_TIMEOUT:g}s; see {self.files.log}") from None
+
+    def _read_launch_outcome(self) -> tuple[dict | None, dict | None, dict | None]:
+        return read_json(self.files.executor), read_json(self.files.task), read_json(self.files.exit)
+
+    def _take_records(self, executor: dict, task: dict) -> None:
+        self.executor_pid = executor["pid"]
+        self.executor_create_time = executor.get("create_time")
+        self.pid = task["pid"]
+        self.create_time = task.get("create_time")
+        self._cgroup_record = task.get("cgroup")
+
+    # Watching the executor
+
+    def _attach_executor(self) -> bool:
+        """Open a pidfd on the recorded executor; return False when that process is gone.
+
+        The create time is compared after the pidfd is open, so the pidfd cannot
+        refer to another process that reused the pid.
+        """
+        assert self.executor_pid is not None
+        try:
+            pidfd = os.pidfd_open(self.executor_pid)
+        except ProcessLookupError:
+            return False
+        except OSError as exc:
+            # pidfd_open needs Linux 5.3; older kernels get polled.
+            logger.debug("task %s: no pidfd for the executor (%s); polling it", self.spec.task_id, exc)
+            self._poll_executor = True
+            return _same_process(self.executor_pid, self.executor_create_time)
+        if not _same_process(self.executor_pid, self.executor_create_time):
+            os.close(pidfd)
+            return False
+        self._pidfd = pidfd
+        return True
+
+    def _start_watcher(self) -> None:
+        self._watcher = asyncio.create_task(self._watch(), name=f"executor of task {self.spec.task_id}")
+
+    async def _watch(self) -> ExitStatus:
+        if self._pidfd is not None:
+            loop = asyncio.get_running_loop()
+            exited = loop.create_future()
+            # A pidfd turns readable when its process exits.
+            loop.add_reader(self._pidfd, lambda: exited.done() or exited.set_result(None))
+            try:
+                await exited
+            finally:
+                loop.remove_reader(self._pidfd)
+                self._close_pidfd()
+        elif self._poll_executor:
+            while _same_process(self.executor_pid, self.executor_create_time):
+                await asyncio.sleep(_EXECUTOR_POLL_INTERVAL)
+        status = await asyncio.to_thread(self._read_exit_status)
+        self._exit_status = status
+        return status
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _read_exit_status(self) -> ExitStatus:
+        """Read exit.json after the executor exited; clean up after an executor that did not write it."""
+        try:
+            record = read_json(self.files.exit)
+        except ExecutorStateError as exc:
+            logger.error("task %s: %s", self.spec.task_id, exc)
+            record = None
+        if record is not None and "launch_error" not in record:
+            return ExitStatus.from_record(record)
+        reason = self._kill_reason or (
+            f"its executor (pid {self.executor_pid}) ended without recording how the task ended"
+        )
+        return self._record_lost(reason)
+
+    def _record_lost(self, reason: str) -> ExitStatus:
+        """Clean up after an executor that is gone, and record an unknown exit status in its place. Blocks.
+
+        The record lets garbage collection and a restarted agent treat the run as ended.
+        """
+        logger.error("task %s: %s; killing what is left of the task", self.spec.task_id, reason)
+        self._kill_without_executor()
+        try:
+            if not self.files.exit.exists():
+                write_json(self.files.exit, {"code": None, "signal": None, "unknown_reason": reason,
+                                             "ended_at": time.time()})
+        except OSError as exc:
+            logger.error("task %s: exit status not recorded in %s: %s", self.spec.task_id, self.files.exit, exc)
+        return ExitStatus.unknown(reason)
+
+    def _kill_without_executor(self) -> None:
+        """Kill the task's process group and cgroup when its executor is gone. Blocks."""
+        # NOTE: descendants that left the task's process group escape this when the
+        # task has no cgroup. Only the executor could find them, as their subreaper.
+        if self.pid is not None:
+            kill_process_group(self.pid, self.create_time, timeout=0)
+        if self._cgroup_record is not None:
+            try:
+                TaskCgroup.from_record(self._cgroup_record).remove()
+            except (KeyError, ValueError) as exc:
+                logger.error("task %s: invalid cgroup record %r: %s", self.spec.task_id, self._cgroup_record, exc)
+
+    def _signal_executor(self, signum: int) -> None:
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            elif self.executor_pid is not None and _same_process(self.executor_pid, self.executor_create_time):
+                os.kill(self.executor_pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # Waiting and stopping
+
     async def wait(self) -> ExitStatus:
-        """Wait for the main process to exit and return how it ended."""
-        process = self._require_started()
-        returncode = await process.wait()
-        self._exit_status = ExitStatus.from_returncode(returncode)
-        return self._exit_status
+        """Wait for the task's main process to exit and return how it ended."""
+        watcher = self._require_started()
+        if self._exit_status is not None:
+            return self._exit_status
+        return await asyncio.shield(watcher)
 
     async def stop(self, timeout: float | None = None) -> ExitStatus:
-        """Stop the whole process group and return the main process's exit status.
+        """Stop the whole task and return the main process's exit status.
 
-        Sends SIGTERM to the group, waits up to timeout seconds (default
-        spec.kill_timeout) for the main process, then sends SIGKILL to the group.
-        Returns once the main process is reaped, after a final SIGKILL to the group
-        for children that outlived it. Safe to call twice, concurrently, and after
-        the process exited on its own, which makes it the way to clean up the
-        children of a task that exited.
+        Asks the executor (SIGTERM) to send SIGTERM to the task's process group
+        and other descendants and SIGKILL after timeout seconds (default
+        spec.kill_timeout). The executor kills whatever outlives the main
+        process. If the executor itself does not end within
+        EXECUTOR_STOP_MARGIN seconds after that, it is killed and the task's
+        group killed from here. Safe to call twice, concurrently, and after
+        the process exited on its own.
         """
-        process = self._require_started()
+        watcher = self._require_started()
         if timeout is None:
             timeout = self.spec.kill_timeout
         async with self._stop_lock:
-            assert self.pgid is not None
-            if process.returncode is None:
-                await self._terminate(process, timeout)
-            status = await self.wait()
-            # NOTE: the group is signalled after the main process was reaped. If no
-            # member is left, the kernel may reuse the number as a pid, but a new
-            # process only gets this group id if it also makes itself a group
-            # leader, which is the one (unlikely) way this SIGKILL can go astray.
-            if _signal_group(self.pgid, signal.SIGKILL):
-                logger.info(
-                    "task %s: killed processes left in group %d after its main process exited",
-                    self.spec.task_id,
-                    self.pgid,
-                )
-            return status
+            if not watcher.done():
+                await self._request_kill(watcher, timeout)
+            return await self.wait()
 
-    async def _terminate(self, process: asyncio.subprocess.Process, timeout: float) -> None:
-        assert self.pgid is not None
-        task_id = self.spec.task_id
-        _signal_group(self.pgid, signal.SIGTERM)
+    async def _request_kill(self, watcher: asyncio.Task[ExitStatus], timeout: float) -> None:
+        await asyncio.to_thread(write_json, self.files.kill, {"grace": timeout})
+        self._signal_executor(signal.SIGTERM)
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(process.wait())
+            async with asyncio.timeout(timeout + EXECUTOR_STOP_MARGIN):
+                await asyncio.shield(watcher)
             return
         except TimeoutError:
             pass
-        logger.info(
-            "task %s: pid %d still running %.1f s after SIGTERM, sending SIGKILL",
-            task_id,
-            self.pid,
-            timeout,
+        waited = timeout + EXECUTOR_STOP_MARGIN
+        # The watcher notices the executor's death, then kills the task and records this reason.
+        self._kill_reason = (
+            f"its executor (pid {self.executor_pid}) did not stop the task within {waited:.1f}s and was killed"
         )
-        _signal_group(self.pgid, signal.SIGKILL)
-        await process.wait()
+        self._signal_executor(signal.SIGKILL)
 
-    def _require_started(self) -> asyncio.subprocess.Process:
-        if self._process is None:
+    def release(self) -> None:
+        """Stop watching without stopping the task, which keeps running under its executor.
+
+        A restarted agent finds it again with recover_task_process.
+        """
+        self._released = True
+        if self._watcher is not None and not self._watcher.done():
+            self._watcher.cancel()
+            # A watcher cancelled before it first ran never reaches its own cleanup.
+            self._watcher.add_done_callback(lambda _: self._close_pidfd())
+        else:
+            self._close_pidfd()
+
+    def _require_started(self) -> asyncio.Task[ExitStatus]:
+        if self._watcher is None:
             raise RuntimeError(f"task {self.spec.task_id}: process not started")
-        return self._process
+        return self._watcher
+
+
+def _same_process(pid: int, create_time: float | None) -> bool:
+    """Return whether pid is alive (not a zombie) and, when create_time is given, was created then."""
+    try:
+        process = psutil.Process(pid)
+        if create_time is not None and abs(process.create_time() - create_time) > CREATE_TIME_TOLERANCE:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Recovery after an agent restart
+
+
+@dataclass(frozen=True)
+class RecoveredTask:
+    """The state of a task's last run, as a restarted agent finds it in the sandbox.
+
+    Exactly one field is set. process is the live process, watched again.
+    exit_status is how a run ended while no agent watched it. problem is the
+    reason why neither is known.
+    """
+
+    process: TaskProcess | None = None
+    exit_status: ExitStatus | None = None
+    problem: str = ""
+
+
+async def recover_task_process(task_id: str, sandbox: Path) -> RecoveredTask:
+    """Find the executor of the task's last run and watch it again, or read how that run ended.
+
+    Never starts anything. A run whose executor died without recording the
+    exit status has its process group and cgroup killed.
+    """
+    files = ExecutorFiles(sandbox)
+    try:
+        launch, executor, ended = await asyncio.to_thread(
+            lambda: (read_json(files.launch), read_json(files.executor), read_json(files.exit))
+        )
+    except ExecutorStateError as exc:
+        return RecoveredTask(problem=f"its executor state is unreadable: {exc}")
+    if launch is None or executor is None:
+        return RecoveredTask(problem="no executor was started for it")
+    if ended is not None:
+        return _ended_run(ended)
+    try:
+        spec = _spec_from_launch(LaunchRecord.from_dict(launch), sandbox)
+    except (TypeError, ValueError) as exc:
+        return RecoveredTask(problem=f"its launch record {files.launch} is invalid: {exc}")
+    process = TaskProcess(spec)
+    process._started = True
+    process.executor_pid = executor["pid"]
+    process.executor_create_time = executor.get("create_time")
+    alive = process._attach_executor()
+    task = await _wait_for_task_record(files, process) if alive else await asyncio.to_thread(read_json, files.task)
+    if task is not None:
+        process.pid = task["pid"]
+        process.create_time = task.get("create_time")
+        process._cgroup_record = task.get("cgroup")
+    if alive and task is not None:
+        process._start_watcher()
+        return RecoveredTask(process=process)
+    process._close_pidfd()
+    # The executor may have finished between the first read and now.
+    ended = await asyncio.to_thread(read_json, files.exit)
+    if ended is not None:
+        return _ended_run(ended)
+    problem = f"its executor (pid {process.executor_pid}) had ended without recording how the task ended"
+    await asyncio.to_thread(process._record_lost, problem)
+    return RecoveredTask(problem=problem)
+
+
+def _ended_run(record: dict[str, Any]) -> RecoveredTask:
+    if "launch_error" in record:
+        return RecoveredTask(problem=f"its last launch failed: {record['launch_error']}")
+    return RecoveredTask(exit_status=ExitStatus.from_record(record))
+
+
+def _spec_from_launch(launch: LaunchRecord, sandbox: Path) -> LaunchSpec:
+    return LaunchSpec(
+        task_id=launch.task_id,
+        argv=launch.argv,
+        env=launch.env,
+        cwd=launch.cwd,
+        sandbox=sandbox,
+        kill_timeout=launch.kill_timeout,
+        job=launch.job,
+        limits=launch.limits,
+        use_cgroups=launch.use_cgroups,
+    )
+
+
+async def _wait_for_task_record(files: ExecutorFiles, process: TaskProcess) -> dict | None:
+    """Wait while a live executor is still starting the task; return task.json, or None."""
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while True:
+        task, ended = await asyncio.to_thread(lambda: (read_json(files.task), read_json(files.exit)))
+        if task is not None or ended is not None:
+            return task
+        executor_alive = process.executor_pid is not None and _same_process(
+            process.executor_pid, process.executor_create_time
+        )
+        if not executor_alive or time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(_POLL_INTERVAL)
 
 
 def _is_alive(process: psutil.Process) -> bool:

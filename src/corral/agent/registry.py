@@ -314,6 +314,8 @@ class LocalRegistry:
         self._save_pending: dict | None = None
         self._save_task: asyncio.Task | None = None
         self._deferred_sync: asyncio.TimerHandle | None = None
+        # Called with the status of every check result (probe, TTL report or TTL expiry), for metrics.
+        self.on_check_result: Callable[[CheckStatus], None] | None = None
 
     # Lifecycle
 
@@ -489,6 +491,7 @@ class LocalRegistry:
         if check.definition.kind is not CheckKind.TTL or check.ttl_timer is None:
             raise RegistryError(500, f"CheckID {_go_quote(check_id)} does not have associated TTL")
         encoded = output.encode()
+        self._count_result(status)
         self._set_status(check, status, cap_output(encoded, len(encoded)))
         check.ttl_timer.reset()
         self._schedule_save()
@@ -747,6 +750,7 @@ class LocalRegistry:
         check = self.checks.get(check_id)
         if check is None or check.thresholds is None:
             return
+        self._count_result(result.status)
         applied = check.thresholds.apply(result)
         if applied is None:
             log.debug("check result below its threshold node=%s check=%s status=%s",
@@ -760,10 +764,15 @@ class LocalRegistry:
             return
         log.warning("check missed its TTL node=%s check=%s ttl=%s",
                     self.node.name, check_id, format_duration(check.definition.ttl))
+        self._count_result(CheckStatus.CRITICAL)
         output = "TTL expired"
         if check.output:
             output += f" (last output before timeout follows): {check.output}"
         self._set_status(check, CheckStatus.CRITICAL, output)
+
+    def _count_result(self, status: CheckStatus) -> None:
+        if self.on_check_result is not None:
+            self.on_check_result(status)
 
     def _set_status(self, check: LocalCheck, status: CheckStatus, output: str) -> None:
         """Record a check's status and output; a new status or a first output goes to the catalog at once.

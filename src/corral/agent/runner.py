@@ -2,10 +2,15 @@
 
 One TaskRunner per task: it records the task's ports, renders its
 environment from the KV store (waiting while a key is missing) and
-launches the process. It registers the service instance and its check with
-the agent's local registry, which runs the check, and restarts the process
-in place with a growing delay when it exits. The same task id, instance
-and service ID survive every restart.
+launches the process through its executor (corral.agent.process). It
+registers the service instance and its check with the agent's local
+registry, which runs the check, and restarts the process in place with a
+growing delay when it exits. The same task id, instance and service ID
+survive every restart.
+
+A runner can also adopt the process of a task that a previous run of the
+agent started (after an agent restart), and detach from its process
+without stopping it (when the agent stops but leaves its tasks running).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.agent.cgroups import Limits
 from corral.agent.connection import ServerConnection
-from corral.agent.process import LaunchError, LaunchSpec, RestartBackoff, TaskProcess
+from corral.agent.process import ExitStatus, LaunchError, LaunchSpec, RestartBackoff, TaskProcess
 from corral.agent.registry import CheckDefinition, CheckKind, CheckRequest, ConfigSource, LocalRegistry, LocalService
 from corral.agent.resources import PortAllocator
 from corral.duration import format_duration
@@ -35,7 +41,7 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGN
 
 @dataclass(frozen=True, slots=True)
 class AgentContext:
-    """What every runner on one agent shares."""
+    """The settings and services that every runner on one agent shares."""
 
     node: str
     address: str
@@ -44,6 +50,10 @@ class AgentContext:
     connection: ServerConnection
     ports: PortAllocator
     registry: LocalRegistry
+    # Limit tasks through cgroups where the kernel allows it (rlimits otherwise).
+    use_cgroups: bool = True
+    # Cap each task's CPU time at its cpus with a CFS quota, not only weigh it with shares.
+    cpu_hard_limit: bool = False
 
 
 def port_env_name(label: str) -> str:
@@ -62,6 +72,7 @@ class TaskRunner:
         self._registered = False
         self._backoff = RestartBackoff()
         self._runner: asyncio.Task | None = None
+        self._detached = False
 
     @property
     def task_id(self) -> str:
@@ -78,6 +89,28 @@ class TaskRunner:
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name=f"task {self.task_id}")
 
+    async def adopt(self, process: TaskProcess) -> None:
+        """Supervise a process that an earlier run of the agent started, as if this runner had.
+
+        Registers the task's service again (same ID, port and check) before
+        returning, so that the agent's first catalog sync keeps it.
+        NOTE: the check starts critical, as on any registration, so the
+        instance drops out of DNS and ?passing reads until its first probe
+        passes. Keeping the catalog's status needs a read of the node's
+        checks, which ServerConnection does not offer yet.
+        """
+        self._process = process
+        await self._transition(
+            TaskState.RUNNING,
+            f"running as pid {process.pid}; adopted after an agent restart",
+            pid=process.pid,
+            pid_create_time=process.create_time,
+        )
+        await self._register_service()
+        log.info("task adopted task=%s job=%s node=%s pid=%s executor_pid=%s",
+                 self.task_id, self.task.job, self.context.node, process.pid, process.executor_pid)
+        self._runner = asyncio.create_task(self._run(adopted=process), name=f"task {self.task_id}")
+
     async def stop(self, reason: str) -> None:
         """Stop the task's process, deregister its service and mark it KILLED with `reason`."""
         if not self._stop_requested.is_set():
@@ -86,22 +119,44 @@ class TaskRunner:
         if self._runner is not None:
             await self._runner
 
-    async def _run(self) -> None:
+    async def detach(self) -> None:
+        """Stop supervising and leave the process running under its executor.
+
+        The task record, the service and its catalog entries stay as they
+        are, for a restarted agent to adopt. Does nothing once the runner ended.
+        """
+        self._detached = True
+        if self._runner is not None and not self._runner.done():
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        if self._process is not None:
+            self._process.release()
+            self._process = None
+
+    async def _run(self, adopted: TaskProcess | None = None) -> None:
         try:
-            await self._supervise()
+            await self._supervise(adopted)
+        except asyncio.CancelledError:
+            if not self._detached:
+                raise
         except Exception as exc:
             log.exception("task supervision failed task=%s job=%s", self.task_id, self.task.job)
             await self._cleanup()
             await self._transition(TaskState.ERROR, f"supervision failed: {exc}")
 
-    async def _supervise(self) -> None:
+    async def _supervise(self, adopted: TaskProcess | None = None) -> None:
         await self._assign_ports()
         while not self._stop_requested.is_set():
-            env = await self._render_env()
-            if env is None:
-                break
             started_at = time.monotonic()
-            exit_status = await self._run_once(env)
+            if adopted is not None:
+                exit_status = await self._watch(adopted)
+                adopted = None
+            else:
+                env = await self._render_env()
+                if env is None:
+                    break
+                started_at = time.monotonic()
+                exit_status = await self._run_once(env)
             if exit_status is None:
                 break
             await self._cleanup()
@@ -122,13 +177,18 @@ class TaskRunner:
     async def _run_once(self, env: dict[str, str]) -> str | None:
         """Run the process once; return how it ended or failed to launch, or None when stopped."""
         await self._transition(TaskState.STARTING, "launching")
+        context = self.context
+        resources = self.job.task.resources
         spec = LaunchSpec(
             task_id=self.task_id,
             argv=[self.job.task.command, *self.job.task.args],
             env=env,
             cwd=self.job.task.workdir,
-            sandbox=self.context.sandboxes / self.task_id,
+            sandbox=context.sandboxes / self.task_id,
             kill_timeout=self.job.task.kill_timeout,
+            job=self.task.job,
+            limits=Limits(cpus=resources.cpus, memory_mb=resources.memory, cpu_hard_limit=context.cpu_hard_limit),
+            use_cgroups=context.use_cgroups,
         )
         self._process = TaskProcess(spec)
         try:
@@ -143,18 +203,30 @@ class TaskRunner:
             pid_create_time=self._process.create_time,
         )
         await self._register_service()
-        wait_exit = asyncio.ensure_future(self._process.wait())
+        return await self._watch(self._process)
+
+    async def _watch(self, process: TaskProcess) -> str | None:
+        """Wait for the process to exit or a stop request; return how it ended, or None when stopped."""
+        wait_exit = asyncio.ensure_future(process.wait())
         wait_stop = asyncio.ensure_future(self._stop_requested.wait())
-        await asyncio.wait({wait_exit, wait_stop}, return_when=asyncio.FIRST_COMPLETED)
-        wait_stop.cancel()
-        if not wait_exit.done():
+        try:
+            await asyncio.wait({wait_exit, wait_stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wait_stop.cancel()
+            stopped = not wait_exit.done()
+            if stopped:
+                wait_exit.cancel()
+        if stopped:
             # Deregister first, so that clients stop finding the instance before it goes away.
             await self._deregister_service()
             await self._transition(TaskState.KILLING, "stopping")
-            await self._process.stop()
-            wait_exit.cancel()
+            await process.stop()
             return None
-        return wait_exit.result().describe()
+        status: ExitStatus = wait_exit.result()
+        if status.oom_killed:
+            log.warning("task ran out of memory task=%s job=%s node=%s: %s",
+                        self.task_id, self.task.job, self.context.node, status.describe())
+        return status.describe()
 
     async def _cleanup(self) -> None:
         """Deregister the service with its check, and kill what is left of the process group."""

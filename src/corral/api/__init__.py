@@ -8,9 +8,13 @@ from aiohttp import web
 
 from corral.agent.agent import Agent
 from corral.api import agent as agent_api
-from corral.api import catalog, event, jobs, kv, session, txn
+from corral.api import agents as agents_api
+from corral.api import catalog, event, jobs, kv, logs, session, txn
+from corral.api import metrics as metrics_api
 from corral.api.catalog import SERVER_INFO_KEY
 from corral.api.common import STATE_KEY, text_error
+from corral.master.agents import AgentMonitor
+from corral.metrics import Metrics
 from corral.state import State
 from corral.state.sessions import SessionManager
 from corral.store import StoreError
@@ -41,12 +45,23 @@ def build_app(
     rpc_addr: str,
     agent: Agent | None = None,
     kv_max_value_size: int = kv.MAX_VALUE_SIZE,
+    metrics: Metrics | None = None,
+    agent_monitor: AgentMonitor | None = None,
 ) -> web.Application:
     """Build the application serving `state`; `node` is the local agent's node name.
 
     With `agent`, the application also serves that agent's /v1/agent endpoints.
+    With `agent_monitor`, it serves /v1/agents, the endpoints of agent processes.
+    Requests are counted into `metrics` (a new Metrics when None), which
+    /v1/agent/metrics serves with the catalog's sizes.
     """
-    app = web.Application(middlewares=[_errors], client_max_size=kv_max_value_size + _BODY_HEADROOM)
+    # The metrics middleware comes first, so that it records the status that _errors chose.
+    app = web.Application(
+        middlewares=[metrics_api.record_metrics, _errors], client_max_size=kv_max_value_size + _BODY_HEADROOM
+    )
+    metrics = metrics if metrics is not None else Metrics()
+    metrics.catalog = state
+    metrics_api.add_routes(app, metrics)
     app[STATE_KEY] = state
     app[kv.MAX_VALUE_SIZE_KEY] = kv_max_value_size
     app[SERVER_INFO_KEY] = {"node": node, "rpc_addr": rpc_addr}
@@ -58,7 +73,10 @@ def build_app(
     catalog.add_routes(app)
     event.add_routes(app)
     jobs.add_routes(app)
+    logs.add_routes(app, agent)
     txn.add_routes(app)
     if agent is not None:
         agent_api.add_routes(app, agent)
+    if agent_monitor is not None:
+        agents_api.add_routes(app, agent_monitor)
     return app

@@ -6,7 +6,7 @@ import functools
 
 import click
 
-from corral.cli.client import HTTP_ADDR_ENV, Client, ClientError
+from corral.client import DEFAULT_HTTP_ADDR, HTTP_ADDR_ENV, Client, CorralError
 
 
 def http_addr_option(command):
@@ -15,7 +15,7 @@ def http_addr_option(command):
     @click.option(
         "--http-addr",
         envvar=HTTP_ADDR_ENV,
-        default="127.0.0.1:8500",
+        default=DEFAULT_HTTP_ADDR,
         show_default=True,
         help=f"HOST:PORT of the corral HTTP API; also read from {HTTP_ADDR_ENV}.",
     )
@@ -27,7 +27,10 @@ def http_addr_option(command):
             raise click.BadParameter(str(exc), param_hint="--http-addr") from None
         try:
             return command(client=client, **kwargs)
-        except ClientError as exc:
-            raise click.ClickException(str(exc)) from None
+        except CorralError as exc:
+            message = str(exc)
+            if exc.status is None:
+                message += f"; is `corral dev` running? Set {HTTP_ADDR_ENV} or --http-addr to its HTTP address"
+            raise click.ClickException(message) from None
 
     return wrapper

@@ -12,7 +12,7 @@ import click
 
 from corral.agent.registry import RegistryConfig
 from corral.agent.resources import DEFAULT_PORT_RANGE, parse_port_range
-from corral.cli.client import parse_address
+from corral.client import parse_address
 from corral.dns.config import DNSConfig, parse_recursor, parse_service_ttl, parse_ttl
 from corral.duration import parse_duration
 from corral.dev import DevCluster, DevConfig, ListenError, default_data_dir

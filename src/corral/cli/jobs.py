@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from corral.cli.client import Client, ClientError
+from corral.client import Client, CorralError
 from corral.cli.common import http_addr_option
 from corral.jobspec import JobSpecError, load_job_file
 from corral.types import TaskState
@@ -51,7 +51,7 @@ def run(client: Client, file: Path, detach: bool, timeout: float) -> None:
     except JobSpecError as exc:
         raise click.ClickException(str(exc)) from None
     _resolve_workdir(spec, file.absolute())
-    submitted = client.json("PUT", "/v1/jobs", spec)
+    submitted = client.request_json("PUT", "/v1/jobs", spec)
     name = submitted["Name"]
     click.echo(f"==> job {name!r} submitted (version {submitted['Version']})")
     if detach:
@@ -66,23 +66,23 @@ def _wait_for_job(client: Client, name: str, timeout: float) -> None:
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ClientError(f"job {name!r}: timed out after {timeout:g}s; see `corral job status {name}`")
+            raise CorralError(f"job {name!r}: timed out after {timeout:g}s; see `corral job status {name}`")
         wait = max(1, min(int(remaining), 5))
         response = client.request(
             "GET", f"/v1/jobs/{name}", query={"index": index, "wait": f"{wait}s"}, timeout=wait + 10
         )
         if response.status != 200:
-            raise ClientError(f"job {name!r}: {response.body.decode(errors='replace').strip()}")
-        index = response.headers.get("X-Consul-Index", "0")
+            raise CorralError(f"job {name!r}: {response.body.decode(errors='replace').strip()}")
+        index = response.header("X-Consul-Index", "0")
         status = response.json()
         _print_changes(status, seen)
         if status["Unplaced"]:
             reasons = "; ".join(f"instance {i}: {reason}" for i, reason in sorted(status["Unplaced"].items()))
-            raise ClientError(f"job {name!r} cannot be placed: {reasons}")
+            raise CorralError(f"job {name!r} cannot be placed: {reasons}")
         failing = [task for task in _current_tasks(status) if task["Restarts"] >= FAILING_RESTARTS]
         if failing:
             task = failing[0]
-            raise ClientError(
+            raise CorralError(
                 f"job {name!r}: task {task['ID']} keeps failing ({task['Restarts']} restarts): "
                 f"{task['Message']}; its output is in the agent's sandbox for the task"
             )
@@ -125,7 +125,7 @@ def _print_changes(status: dict, seen: dict[str, str]) -> None:
 @http_addr_option
 def status(client: Client, name: str) -> None:
     """Show a job's instances with their state, node, ports and process id."""
-    data = client.json("GET", f"/v1/jobs/{name}")
+    data = client.request_json("GET", f"/v1/jobs/{name}")
     summary = data["Summary"]
     state = "stopped" if data["Stopped"] else "running"
     click.echo(
@@ -152,11 +152,11 @@ def status(client: Client, name: str) -> None:
 @http_addr_option
 def stop(client: Client, name: str, detach: bool) -> None:
     """Stop every instance of a job; the job stays stored and `job run` starts it again."""
-    client.json("DELETE", f"/v1/jobs/{name}")
+    client.request_json("DELETE", f"/v1/jobs/{name}")
     click.echo(f"==> job {name!r} stopping")
     deadline = time.monotonic() + 60
     while not detach and time.monotonic() < deadline:
-        data = client.json("GET", f"/v1/jobs/{name}")
+        data = client.request_json("GET", f"/v1/jobs/{name}")
         if not any(_is_live(task) for task in data["Tasks"]):
             break
         time.sleep(0.2)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from corral.cli.client import Client, ClientError
+from corral.client import Client, CorralError
 from corral.cli.common import http_addr_option
 
 
@@ -38,9 +38,9 @@ def put(client: Client, key: str, value: str) -> None:
     """Store VALUE at KEY. VALUE "-" reads standard input and "@PATH" reads a file."""
     response = client.request("PUT", f"/v1/kv/{key}", body=_read_value(value))
     if response.status != 200:
-        raise ClientError(f"failed to write key {key!r}: {response.body.decode(errors='replace').strip()}")
+        raise CorralError(f"failed to write key {key!r}: {response.body.decode(errors='replace').strip()}")
     if json.loads(response.body) is not True:
-        raise ClientError(f"failed to write key {key!r}: the server did not apply the write")
+        raise CorralError(f"failed to write key {key!r}: the server did not apply the write")
     click.echo(f"Success! Data written to: {key}")
 
 
@@ -51,9 +51,9 @@ def get(client: Client, key: str) -> None:
     """Print the value stored at KEY; a missing key is an error."""
     response = client.request("GET", f"/v1/kv/{key}", query={"raw": "true"})
     if response.status == 404:
-        raise ClientError(f"key {key!r} not found")
+        raise CorralError(f"key {key!r} not found")
     if response.status != 200:
-        raise ClientError(f"failed to read key {key!r}: {response.body.decode(errors='replace').strip()}")
+        raise CorralError(f"failed to read key {key!r}: {response.body.decode(errors='replace').strip()}")
     sys.stdout.buffer.write(response.body)
     if not response.body.endswith(b"\n"):
         sys.stdout.buffer.write(b"\n")
@@ -68,5 +68,5 @@ def delete(client: Client, key: str, recurse: bool) -> None:
     query = {"recurse": "true"} if recurse else None
     response = client.request("DELETE", f"/v1/kv/{key}", query=query)
     if response.status != 200:
-        raise ClientError(f"failed to delete key {key!r}: {response.body.decode(errors='replace').strip()}")
+        raise CorralError(f"failed to delete key {key!r}: {response.body.decode(errors='replace').strip()}")
     click.echo(f"Success! Deleted key{'s under' if recurse else ''}: {key}")

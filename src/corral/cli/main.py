@@ -7,8 +7,10 @@ import sys
 import click
 
 import corral
-from corral.cli import jobs, kv
+from corral.cli import catalog, jobs, kv, logs
+from corral.cli.agent import agent
 from corral.cli.dev import dev
+from corral.cli.server import server
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,8 +29,13 @@ def version() -> None:
 
 
 cli.add_command(dev)
+cli.add_command(server)
+cli.add_command(agent)
 cli.add_command(jobs.job)
 cli.add_command(kv.kv)
+cli.add_command(logs.logs)
+cli.add_command(catalog.catalog)
+cli.add_command(catalog.members)
 
 
 def main() -> None:

@@ -68,8 +68,11 @@ class DNSServer:
         config: DNSConfig | None = None,
         *,
         rng: random.Random | None = None,
+        on_response: Callable[[bytes], None] | None = None,
     ) -> None:
         self.config = config or DNSConfig()
+        # Called with every packed response sent, cached or not, for metrics.
+        self.on_response: Callable[[bytes], None] = on_response or _ignore_response
         self._catalog = catalog
         self._resolver = Resolver(catalog, self.config, rng)
         self._forwarder = Forwarder(self.config.recursors, self.config.recursor_timeout)
@@ -292,6 +295,10 @@ class DNSServer:
         self._failure_log_times[kind] = now + _FAILURE_LOG_INTERVAL
 
 
+def _ignore_response(response: bytes) -> None:
+    pass
+
+
 # Transports
 
 
@@ -299,6 +306,7 @@ class _UDPProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: DNSServer) -> None:
         self._server = server
         self._lookup = server.udp_cache.lookup
+        self._observe = server.on_response
         self._transport: asyncio.DatagramTransport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -314,19 +322,23 @@ class _UDPProtocol(asyncio.DatagramProtocol):
         # The cache hit path, kept inline: most queries end here.
         body = self._lookup(data[2:])
         if body is not None:
-            transport.sendto(data[:2] + body, addr)
+            response = data[:2] + body
+            transport.sendto(response, addr)
+            self._observe(response)
             return
         result = self._server.handle_message(data, addr, False)
         if result is None:
             return
         if isinstance(result, bytes):
             transport.sendto(result, addr)
+            self._observe(result)
         else:
             self._server.spawn(result, functools.partial(self._send, addr))
 
     def _send(self, addr: Any, response: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.sendto(response, addr)
+            self._observe(response)
 
     def error_received(self, exc: Exception) -> None:
         # Usually an ICMP error for an earlier response, such as port unreachable.
@@ -403,6 +415,7 @@ class _TCPProtocol(asyncio.Protocol):
     def _write(self, response: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(len(response).to_bytes(2, "big") + response)
+            self._server.on_response(response)
 
     def pause_writing(self) -> None:
         # A client that sends queries without reading responses stops being read.

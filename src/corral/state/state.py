@@ -313,6 +313,18 @@ class State:
     async def register_agent(self, agent: AgentInfo) -> None:
         await self._commit([], [Put(records.agent_key(agent.node), encode(agent))])
 
+    def agent(self, node: str) -> AgentInfo | None:
+        kv = self.view.get(records.agent_key(node))
+        return AgentInfo.decode(kv.value) if kv else None
+
+    async def deregister_agent(self, node: str) -> bool:
+        """Remove an agent's record, so that nothing new is placed on it; False when it had none."""
+        key = records.agent_key(node)
+        if self.view.get(key) is None:
+            return False
+        await self._commit([], [Delete(key)])
+        return True
+
     # Catalog
 
     def node(self, name: str) -> Node | None:

@@ -1,0 +1,86 @@
+"""`corral server`: run the control plane in the foreground until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import click
+
+from corral.cli.dev import _address, _on_signal, _parsed, _positive_seconds, _run
+from corral.dev import ListenError, default_data_dir
+from corral.dns.config import DNSConfig
+from corral.master.agents import DEFAULT_AGENT_TIMEOUT
+from corral.server import Server, ServerConfig
+
+log = logging.getLogger("corral.server")
+
+
+def default_server_data_dir() -> Path:
+    """Return $XDG_DATA_HOME/corral/server, or ~/.local/share/corral/server."""
+    return default_data_dir().parent / "server"
+
+
+@click.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the SQLite store [default: the user's data folder, corral/server].")
+@click.option("--http-addr", default="127.0.0.1:8500", show_default=True,
+              callback=_address("--http-addr"), help="HOST:PORT the HTTP API listens on.")
+@click.option("--dns-addr", default="127.0.0.1:8600", show_default=True,
+              callback=_address("--dns-addr"), help="HOST:PORT the DNS server listens on, UDP and TCP.")
+@click.option("--node", default=None, help="Name of this server [default: the host name].")
+@click.option("--datacenter", default="dc1", show_default=True, help="Name of the datacenter.")
+@click.option("--agent-timeout", default=f"{DEFAULT_AGENT_TIMEOUT:g}s", show_default=True,
+              callback=_parsed(_positive_seconds),
+              help="Duration without a heartbeat after which an agent is declared failed and its tasks "
+                   "are replaced elsewhere, such as 10s.")
+@click.option("--kv-max-value-size", type=click.IntRange(min=1), default=512 * 1024, show_default=True,
+              help="Largest KV value a PUT may store, in bytes; larger ones are rejected with 413.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="Lowest level of log lines to print.")
+def server(data_dir, http_addr, dns_addr, node, datacenter, agent_timeout, kv_max_value_size, log_level) -> None:
+    """Run a server: store, HTTP API, DNS, job scheduler and agent failure detection.
+
+    Agents join it with `corral agent --join HOST:PORT`. Stopping the server
+    leaves agents and their tasks running.
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)-5s %(name)s: %(message)s")
+    data_dir = (data_dir or default_server_data_dir()).absolute()
+    config = ServerConfig(
+        data_dir=data_dir,
+        http_host=http_addr[0],
+        http_port=http_addr[1],
+        dns_host=dns_addr[0],
+        dns_port=dns_addr[1],
+        node=node or socket.gethostname(),
+        datacenter=datacenter,
+        kv_max_value_size=kv_max_value_size,
+        agent_timeout=agent_timeout,
+        dns=DNSConfig(),
+    )
+    click.echo(f"==> corral server: data folder {data_dir}", err=True)
+    try:
+        _run(_serve(config))
+    except ListenError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _serve(config: ServerConfig) -> None:
+    instance = Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, _on_signal, signum, stop)
+    try:
+        await instance.start()
+        click.echo(
+            f"==> corral server is running: HTTP http://{config.http_host}:{config.http_port}, "
+            f"DNS {config.dns_host}:{config.dns_port}. Press Ctrl-C to stop.",
+            err=True,
+        )
+        await stop.wait()
+    finally:
+        await instance.stop()

@@ -1,0 +1,182 @@
+"""Agent failure detection: heartbeat deadlines, and what happens when one passes.
+
+Agents register, then heartbeat over the HTTP API. An agent that has not
+heartbeated for `timeout` seconds is declared failed at once. Its node's
+serfHealth check turns critical, so DNS and `?passing` leave out its
+services. Its agent record is removed, so nothing new is placed on it. Its
+tasks that have not ended become LOST with desired state STOP, so the job
+scheduler replaces them elsewhere. An agent that comes back
+registers again, which turns serfHealth passing, and kills the tasks it
+still runs, because they have desired state STOP.
+
+Mesos waits longer before it acts (`--agent_ping_timeout` 15 s times
+`--max_agent_ping_timeouts` 5) and first marks tasks UNREACHABLE; corral
+acts at the first missed deadline, as Nomad's `heartbeat_grace` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from corral.agent.registry import SERF_HEALTH_ID
+from corral.state import State
+from corral.state.records import AgentInfo, Task
+from corral.types import CheckStatus, DesiredState, TaskState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGENT_TIMEOUT = 10.0
+
+
+class AgentStatus:
+    """Liveness of an agent as GET /v1/agents reports it."""
+
+    ALIVE = "alive"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class FailedAgent:
+    """An agent declared failed while this server runs, kept for GET /v1/agents."""
+
+    info: AgentInfo
+    failed_at: float  # wall-clock seconds
+
+
+class AgentMonitor:
+    """Tracks the last heartbeat of every registered agent and fails those that stop.
+
+    Deadlines use `clock` (monotonic seconds), so tests can drive it.
+    """
+
+    def __init__(
+        self, state: State, timeout: float = DEFAULT_AGENT_TIMEOUT, clock: Callable[[], float] = time.monotonic
+    ):
+        if timeout <= 0:
+            raise ValueError(f"invalid agent timeout {timeout!r}: expected more than 0 seconds")
+        self.state = state
+        self.timeout = timeout
+        self.clock = clock
+        self.last_seen: dict[str, float] = {}
+        self.failed: dict[str, FailedAgent] = {}
+        self._task: asyncio.Task | None = None
+
+    # Lifecycle
+
+    def start(self) -> None:
+        """Give every stored agent a full timeout from now, then check deadlines in the background."""
+        if self._task is not None:
+            return
+        # NOTE: heartbeats are kept in this server's memory only, so a restarted server
+        # gives every agent a fresh deadline, and a second server would not share them.
+        now = self.clock()
+        for agent in self.state.agents():
+            self.last_seen.setdefault(agent.node, now)
+        self._task = asyncio.create_task(self._run(), name="agent-monitor")
+        log.info("agent monitor started timeout=%gs agents=%d", self.timeout, len(self.last_seen))
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+        log.info("agent monitor stopped")
+
+    async def _run(self) -> None:
+        # A quarter of the timeout between checks, so a failure is declared at most
+        # timeout * 1.25 after the last heartbeat.
+        interval = self.timeout / 4
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_deadlines()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agent deadline check failed; retrying in %gs", interval)
+
+    # Events from the agents
+
+    def registered(self, node: str) -> None:
+        """Record a registration, which counts as a heartbeat."""
+        previous = self.failed.pop(node, None)
+        self.last_seen[node] = self.clock()
+        if previous is not None:
+            log.info("agent recovered node=%s: registered again after it was declared failed", node)
+        else:
+            log.info("agent registered node=%s", node)
+
+    def heartbeat(self, node: str) -> bool:
+        """Record a heartbeat; return False when the agent is not registered and must register."""
+        if node not in self.last_seen:
+            return False
+        self.last_seen[node] = self.clock()
+        return True
+
+    def forget(self, node: str) -> None:
+        """Stop expecting heartbeats from an agent that leaves."""
+        self.last_seen.pop(node, None)
+        self.failed.pop(node, None)
+
+    # Failure detection
+
+    def expired(self, now: float) -> list[str]:
+        """Return the nodes whose last heartbeat is more than `timeout` seconds before `now`."""
+        return sorted(node for node, seen in self.last_seen.items() if now - seen > self.timeout)
+
+    async def check_deadlines(self) -> list[str]:
+        """Declare every agent past its deadline failed; return their nodes."""
+        now = self.clock()
+        nodes = self.expired(now)
+        for node in nodes:
+            await self.fail(node, now - self.last_seen[node])
+        return nodes
+
+    async def fail(self, node: str, silent_for: float) -> None:
+        """Declare the agent of `node` failed: critical serfHealth, no agent record, tasks LOST."""
+        self.last_seen.pop(node, None)
+        log.warning("agent failed node=%s: no heartbeat for %.1fs (timeout %gs)", node, silent_for, self.timeout)
+        info = self.state.agent(node)
+        if info is not None:
+            self.failed[node] = FailedAgent(info, time.time())
+        output = f"Agent not heard from for {silent_for:.1f}s; declared failed by the server"
+        await self.state.update_check(node, SERF_HEALTH_ID, CheckStatus.CRITICAL, output)
+        await self.state.deregister_agent(node)
+        lost = await lose_tasks(self.state, node, f"agent on node {node} failed: no heartbeat for {silent_for:.1f}s")
+        log.info("agent failure handled node=%s tasks_lost=%d", node, len(lost))
+
+
+async def lose_tasks(state: State, node: str, message: str) -> list[Task]:
+    """Mark the tasks of `node` that have not ended LOST with desired state STOP; return them.
+
+    Desired STOP keeps them out of the scheduler's live tasks for good. An
+    agent process that resumes (after a pause or a partition) still has their
+    runners, reads desired STOP and kills them. An agent that restarts stops
+    the executors of tasks that have ended, LOST ones included.
+    """
+    lost = []
+    for task in state.tasks(node=node):
+        if task.state.is_terminal:
+            continue
+
+        def lose(record: Task) -> None:
+            if record.state.is_terminal:
+                return
+            record.state = TaskState.LOST
+            record.desired = DesiredState.STOP
+            record.message = message
+
+        updated = await state.update_task(task.id, lose)
+        if updated is not None and updated.state is TaskState.LOST:
+            lost.append(updated)
+            log.info("task state changed task=%s job=%s node=%s from=%s to=LOST: %s",
+                     task.id, task.job, node, task.state.value, message)
+    return lost
