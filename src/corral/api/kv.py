@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 
+import orjson
 from aiohttp import web
 
 from corral.api.common import (
@@ -81,7 +82,13 @@ async def get_kv(request: web.Request) -> web.StreamResponse:
 
     index = await block(request, current_index, kv_key(key))
     if list_keys:
-        return _keys_response(state.kv_list(key), key, request.query.get("separator", ""), index)
+        # "seperator" is an old misspelling that Consul still accepts.
+        separator = request.query.get("separator", request.query.get("seperator", ""))
+        return _keys_response(state.kv_list(key), key, separator, index)
+    if not recurse and "raw" not in request.query:
+        cached = _cached_body(request, key)
+        if cached is not None:
+            return _json_body_response(cached, index)
     entries = state.kv_list(key) if recurse else [e for e in [state.kv_get(key)] if e is not None]
     if not entries:
         response = web.Response(status=404)
@@ -94,6 +101,38 @@ async def get_kv(request: web.Request) -> web.StreamResponse:
         set_index_headers(response, index)
         return response
     return json_response([entry_to_api(entry) for entry in entries], index=index)
+
+
+# Encoded GET bodies of single keys by key, with the modify revision they were made
+# at: every change of a key's value, flags or lock gives it a new modify revision,
+# so thousands of blocking queries woken by one write encode its body once. One
+# cache per application, because each serves its own store.
+BODY_CACHE_KEY = web.AppKey("kv_body_cache", dict)
+_BODY_CACHE_SIZE = 4096
+
+
+def _cached_body(request: web.Request, key: str) -> bytes | None:
+    """Return the JSON body of a GET of `key`, encoding it at most once per revision; None if missing."""
+    state = state_of(request)
+    kv = state.view.get(kv_key(key))
+    if kv is None:
+        return None
+    cache: dict[str, tuple[int, bytes]] = request.app[BODY_CACHE_KEY]
+    cached = cache.get(key)
+    if cached is not None and cached[0] == kv.mod_revision:
+        return cached[1]
+    entry = state.kv_get(key)
+    body = orjson.dumps([entry_to_api(entry)])
+    if len(cache) >= _BODY_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = (kv.mod_revision, body)
+    return body
+
+
+def _json_body_response(body: bytes, index: int) -> web.Response:
+    response = web.Response(body=body, content_type="application/json")
+    set_index_headers(response, index)
+    return response
 
 
 def _keys_response(entries: list[KVEntry], prefix: str, separator: str, index: int) -> web.Response:
@@ -174,6 +213,7 @@ async def delete_kv(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[BODY_CACHE_KEY] = {}
     app.router.add_get("/v1/kv/{key:.*}", get_kv)
     app.router.add_put("/v1/kv/{key:.*}", put_kv)
     app.router.add_delete("/v1/kv/{key:.*}", delete_kv)
