@@ -637,3 +637,41 @@ async def test_plain_puts_keep_concurrent_acquire(state):
     results = await asyncio.gather(acquire, *writes)
     assert results[0] is True
     assert state.kv_get("contended").session == "s1"
+
+
+async def test_instances_follow_rename(state):
+    await register_nodes(state, "node1")
+    await state.register_service(web_service("node1", "web-1", 8080))
+    renamed = web_service("node1", "web-1", 8080)
+    renamed.name = "api"
+    await state.register_service(renamed)
+    assert state.service_instances_with_checks("web") == []
+    assert [s.id for _, s, _ in state.service_instances_with_checks("API")] == ["web-1"]
+
+
+async def test_instances_follow_deregister(state):
+    await register_nodes(state, "node1", "node2")
+    await state.register_service(web_service("node1", "web-1", 8080))
+    await state.register_service(web_service("node2", "web-2", 8080))
+    await state.deregister_service("node1", "web-1")
+    assert [s.id for _, s, _ in state.service_instances_with_checks("web")] == ["web-2"]
+
+
+async def test_instances_index_survives_reopen(tmp_path):
+    store = SQLiteStore(tmp_path / "state.db")
+    await store.open()
+    first = State(store)
+    await first.start()
+    await register_nodes(first, "node1")
+    await first.register_service(web_service("node1", "web-1", 8080))
+    await first.stop()
+    await store.close()
+    reopened_store = SQLiteStore(tmp_path / "state.db")
+    await reopened_store.open()
+    reopened = State(reopened_store)
+    await reopened.start()
+    try:
+        assert [s.id for _, s, _ in reopened.service_instances_with_checks("web")] == ["web-1"]
+    finally:
+        await reopened.stop()
+        await reopened_store.close()

@@ -28,7 +28,7 @@ from corral.state.records import (
     encode,
 )
 from corral.state.view import View
-from corral.store import Compare, CompareOp, CompareTarget, Delete, KeyValue, Put, Store, StoreError
+from corral.store import Compare, CompareOp, CompareTarget, Delete, Event, EventType, KeyValue, Put, Store, StoreError
 from corral.types import CheckStatus, DesiredState
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,40 @@ class State:
         self.store = store
         self.datacenter = datacenter
         self.view = View(store)
+        # Lowercased service name -> store keys of its instances, so that a lookup of one
+        # service reads its own instances instead of decoding the whole catalog.
+        self._service_keys: dict[str, set[bytes]] = {}
         # Key -> monotonic deadline of its lock-delay. Kept in memory only, as Consul's
         # leader does: a restart forgets lock-delays.
         self.lock_delays: dict[str, float] = {}
 
     async def start(self) -> None:
         await self.view.start()
+        self._service_keys.clear()
+        for kv in self.view.range(records.SERVICES):
+            self._service_keys.setdefault(_service_name(kv.value), set()).add(kv.key)
+        self.view.add_listener(self._track_service_names)
+
+    def _track_service_names(self, batch: list[Event]) -> None:
+        """Keep the index of service keys by lowercased name current, renames and deletes included."""
+        for event in batch:
+            key = event.kv.key
+            if not key.startswith(records.SERVICES):
+                continue
+            if event.prev_kv is not None:
+                self._drop_service_key(_service_name(event.prev_kv.value), key)
+            elif event.type is EventType.DELETE:
+                for name in list(self._service_keys):
+                    self._drop_service_key(name, key)
+            if event.type is EventType.PUT:
+                self._service_keys.setdefault(_service_name(event.kv.value), set()).add(key)
+
+    def _drop_service_key(self, name: str, key: bytes) -> None:
+        keys = self._service_keys.get(name)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._service_keys[name]
 
     async def stop(self) -> None:
         await self.view.stop()
@@ -408,21 +436,23 @@ class State:
 
         The checks are the instance's own and its node's.
         """
-        wanted = name.lower()
-        nodes = {node.name: node for node in self.nodes()}
+        nodes: dict[str, Node | None] = {}
         checks_by_node: dict[str, list[Check]] = {}
-        for check in self.checks():
-            checks_by_node.setdefault(check.node, []).append(check)
         found = []
-        for service in self.services():
-            if service.name.lower() != wanted:
+        for key in sorted(self._service_keys.get(name.lower(), ())):
+            kv = self.view.get(key)
+            if kv is None:
                 continue
-            node = nodes.get(service.node)
+            service = Service.decode(kv.value)
+            if service.node not in nodes:
+                nodes[service.node] = self.node(service.node)
+                checks_by_node[service.node] = self.checks(service.node)
+            node = nodes[service.node]
             if node is None:
                 continue
             checks = [
                 check
-                for check in checks_by_node.get(service.node, [])
+                for check in checks_by_node[service.node]
                 if check.service_id in ("", service.id)
             ]
             found.append((node, service, checks))
@@ -634,6 +664,10 @@ class State:
 
         self.view.add_listener(on_batch)
         return lambda: self.view.remove_listener(on_batch)
+
+
+def _service_name(raw: bytes) -> str:
+    return Service.decode(raw).name.lower()
 
 
 def _without_count(spec: dict) -> dict:
