@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from corral.store import Event, EventType, KeyValue, Store
+from corral.store.base import prefix_end
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,14 @@ class View:
 
     def range(self, prefix: bytes) -> list[KeyValue]:
         """Return the KeyValues under `prefix`, sorted by key."""
-        start = bisect.bisect_left(self._sorted_keys, prefix)
-        found = []
-        for key in self._sorted_keys[start:]:
-            if not key.startswith(prefix):
-                break
-            found.append(self._data[key])
-        return found
+        keys = self._sorted_keys
+        start = bisect.bisect_left(keys, prefix)
+        # Bisect for the end too: slicing from `start` to the end of the list would copy
+        # every later key, which made each small range cost as much as the whole view.
+        bound = prefix_end(prefix)
+        end = len(keys) if bound is None else bisect.bisect_left(keys, bound, start)
+        data = self._data
+        return [data[key] for key in keys[start:end]]
 
     def keys(self, prefix: bytes) -> Iterable[bytes]:
         return (kv.key for kv in self.range(prefix))
