@@ -34,6 +34,7 @@ from corral.api.common import (
     blocking_params,
     check_datacenter,
     json_response,
+    set_index_headers,
     state_of,
     text_error,
 )
@@ -228,6 +229,10 @@ def _catalog_index(request: web.Request) -> CatalogIndex:
     return request.app[CATALOG_INDEX_KEY]
 
 
+HEALTH_BODY_CACHE_KEY = web.AppKey("health_body_cache", dict)
+_HEALTH_BODY_CACHE_SIZE = 1024
+
+
 async def _block_on_service(request: web.Request, name: str) -> int:
     index = _catalog_index(request)
     return await _block_on(
@@ -327,7 +332,28 @@ async def health_service(request: web.Request) -> web.Response:
     passing_only = _passing_only(request)
     name = request.match_info["name"]
     index = await _block_on_service(request, name)
-    state = state_of(request)
+    # The service's index moves with every change to its instances, their checks and
+    # their nodes, so many watchers woken by one change share one encoded body.
+    cache_key = (
+        name.lower(),
+        passing_only,
+        tuple(tag.lower() for tag in options.tags),
+        tuple(sorted(options.node_meta.items())),
+        index,
+    )
+    cache: dict = request.app[HEALTH_BODY_CACHE_KEY]
+    body = cache.get(cache_key)
+    if body is None:
+        body = orjson.dumps(_health_entries(state_of(request), name, options, passing_only))
+        if len(cache) >= _HEALTH_BODY_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[cache_key] = body
+    response = web.Response(body=body, content_type="application/json")
+    set_index_headers(response, index)
+    return response
+
+
+def _health_entries(state: State, name: str, options: ReadOptions, passing_only: bool) -> list[dict]:
     entries = []
     for node, service, checks in _instances(state, name, options):
         # A warning is not passing, and the node's own checks count too.
@@ -340,7 +366,7 @@ async def health_service(request: web.Request) -> web.Response:
                 "Checks": [check_to_api(state, check, service.tags) for check in checks],
             }
         )
-    return json_response(entries, index=index)
+    return entries
 
 
 async def health_checks(request: web.Request) -> web.Response:
@@ -718,6 +744,7 @@ def add_routes(app: web.Application) -> None:
     """Add the routes, and a catalog index that starts and stops with the application."""
     index = CatalogIndex(app[STATE_KEY].view)
     app[CATALOG_INDEX_KEY] = index
+    app[HEALTH_BODY_CACHE_KEY] = {}
 
     async def start_index(_: web.Application) -> None:
         index.start()
