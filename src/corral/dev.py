@@ -113,25 +113,7 @@ class DevCluster:
             self.state, config.node, rpc_addr, agent=self.agent, kv_max_value_size=config.kv_max_value_size,
             metrics=self.metrics,
         )
-        # Blocking queries wait up to 10 minutes, and aiohttp waits for running handlers
-        # when it stops (60 s by default); after this many seconds they are cancelled.
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT
-        )
-        await self._runner.setup()
-        # A deep accept queue, so that thousands of blocking queries connecting at once are
-        # not dropped and retried a second later (aiohttp's default backlog is 128).
-        site = web.TCPSite(
-            self._runner, config.http_host, config.http_port, reuse_address=True, backlog=socket.SOMAXCONN
-        )
-        try:
-            await site.start()
-        except OSError as exc:
-            raise _address_error(exc, "HTTP", config.http_host, config.http_port, "--http-addr") from None
-        try:
-            await self.dns.start()
-        except OSError as exc:
-            raise _address_error(exc, "DNS", config.dns_host, config.dns_port, "--dns-addr") from None
+        self._runner = await start_listeners(app, config.http_host, config.http_port, self.dns)
         self.scheduler.start()
         await self.agent.start()
         log.info(
@@ -155,6 +137,28 @@ class DevCluster:
         await self.state.stop()
         await self.store.close()
         log.info("corral dev stopped node=%s", self.config.node)
+
+
+async def start_listeners(app: web.Application, http_host: str, http_port: int, dns: DNSServer) -> web.AppRunner:
+    """Serve `app` on the HTTP address and start `dns`; raise ListenError naming a taken address."""
+    # Blocking queries wait up to 10 minutes, and aiohttp waits for running handlers
+    # when it stops (60 s by default), so they are cancelled after this many seconds.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    # A deep accept queue, so that thousands of blocking queries connecting at once are
+    # not dropped and retried a second later (aiohttp's default backlog is 128).
+    site = web.TCPSite(runner, http_host, http_port, reuse_address=True, backlog=socket.SOMAXCONN)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise _address_error(exc, "HTTP", http_host, http_port, "--http-addr") from None
+    try:
+        await dns.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise _address_error(exc, "DNS", dns.address[0], dns.address[1], "--dns-addr") from None
+    return runner
 
 
 def _address_error(exc: OSError, what: str, host: str, port: int, flag: str) -> Exception:

@@ -15,7 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from corral.api import build_app
-from corral.dev import HTTP_SHUTDOWN_TIMEOUT, STORE_FILE, _address_error
+from corral.dev import STORE_FILE, start_listeners
 from corral.dns.server import DNSConfig, DNSServer
 from corral.master.agents import DEFAULT_AGENT_TIMEOUT, AgentMonitor
 from corral.master.jobs import JobScheduler
@@ -78,21 +78,7 @@ class Server:
             self.state, config.node, f"{config.http_host}:{config.http_port}",
             kv_max_value_size=config.kv_max_value_size, metrics=self.metrics, agent_monitor=self.monitor,
         )
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT
-        )
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, config.http_host, config.http_port, reuse_address=True, backlog=socket.SOMAXCONN
-        )
-        try:
-            await site.start()
-        except OSError as exc:
-            raise _address_error(exc, "HTTP", config.http_host, config.http_port, "--http-addr") from None
-        try:
-            await self.dns.start()
-        except OSError as exc:
-            raise _address_error(exc, "DNS", config.dns_host, config.dns_port, "--dns-addr") from None
+        self._runner = await start_listeners(app, config.http_host, config.http_port, self.dns)
 
     async def start(self) -> None:
         if self._started:

@@ -37,7 +37,7 @@ _INVALIDATE_ATTEMPTS = 20
 
 
 class SessionError(Exception):
-    """A session request that Consul rejects; `status` is the HTTP status Consul answers with."""
+    """A session request that Consul rejects; `status` is the HTTP status Consul returns for it."""
 
     def __init__(self, message: str, status: int = 500):
         super().__init__(message)

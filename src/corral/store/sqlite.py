@@ -179,7 +179,7 @@ class SQLiteStore(Store):
             conn = self._connect()
             meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
             leases = conn.execute("SELECT id, ttl FROM leases").fetchall()
-            # Index 1, the lowest a Consul client sees, is then always before any write.
+            # Index 1, the lowest index a Consul client gets, is then always before any write.
             state = (meta.get("revision", INITIAL_REVISION), meta.get("compacted", 0), leases)
         except sqlite3.Error as exc:
             error = StoreError(f"cannot open store {self.path}: {exc}")
