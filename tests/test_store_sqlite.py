@@ -208,3 +208,37 @@ async def test_closed_store_rejects_requests(tmp_path):
     await store.close()
     with pytest.raises(StoreError, match="not open"):
         await store.put(b"k", b"v")
+
+
+async def test_read_only_txn_answers_after_the_write_it_read_commits(store):
+    write = asyncio.ensure_future(store.put(b"pending", b"v"))
+    await asyncio.sleep(0)  # the put is applied in memory, its batch not yet committed
+    result = await store.txn([], [Get(b"pending")])
+    assert write.done()
+    assert result.responses[0][0].value == b"v"
+    assert store.revision == result.revision
+
+
+async def test_failed_commit_stops_writes_and_keeps_what_was_committed(tmp_path):
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.put(b"kept", b"v")
+    # A real SQLITE_FULL: cap the file at the pages it has now, then write more than fits.
+    pages = await store._on_writer(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+    await store._on_writer(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages}"))
+    with pytest.raises(StoreError, match="commit failed"):
+        await store.put(b"big", b"x" * 200_000)
+    with pytest.raises(StoreError, match="no more writes"):
+        await store.put(b"after", b"v")
+    await store.close()
+
+    reopened = SQLiteStore(path)
+    await reopened.open()
+    try:
+        assert (await reopened.get(b"kept")).value == b"v"
+        assert await reopened.get(b"big") is None
+        assert reopened.revision == 2
+        await reopened.put(b"after", b"v")
+    finally:
+        await reopened.close()

@@ -97,7 +97,9 @@ class State:
 
     async def _commit(self, compares, success) -> bool:
         result = await self.store.txn(compares, success)
-        if result.succeeded and result.revision > self.view.revision:
+        # After a failed compare too: the caller retries from the view, which must
+        # first show the write that made the compare fail.
+        if result.revision > self.view.revision:
             await self.view.wait_for_revision(result.revision)
         return result.succeeded
 
