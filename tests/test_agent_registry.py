@@ -90,7 +90,9 @@ async def test_sync_writes_service_and_check(state: State, registry: LocalRegist
     await registry.sync()
 
     service = state.service(NODE, "web-1")
-    assert service == Service(NODE, "web-1", "web", HOST, 80, tags=["v1"])
+    # The agent adds lan_ipv4 and wan_ipv4 for an IP address, as Consul's agent does.
+    tagged = {"lan_ipv4": {"Address": HOST, "Port": 80}, "wan_ipv4": {"Address": HOST, "Port": 80}}
+    assert service == Service(NODE, "web-1", "web", HOST, 80, tags=["v1"], tagged_addresses=tagged)
     assert catalog_check_ids(state) == ["serfHealth", "service:web-1"]
 
 

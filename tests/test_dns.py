@@ -219,6 +219,27 @@ async def test_service_srv_records(server):
     }
 
 
+async def test_srv_weight_by_status():
+    catalog = Catalog()
+    catalog.services["weighted"] = [
+        DNSInstance("node1", "10.0.0.1", "", 9001, (), CheckStatus.PASSING, (10, 2)),
+        DNSInstance("node2", "10.0.0.2", "", 9002, (), CheckStatus.WARNING, (10, 2)),
+        DNSInstance("node3", "10.0.0.3", "", 9003, (), CheckStatus.WARNING, (10, 0)),
+        DNSInstance("node4", "10.0.0.4", "", 9004, ()),
+    ]
+    dns_server = await start_server(catalog)
+    try:
+        response = await udp(dns_server, "weighted.service.consul", "SRV")
+    finally:
+        await dns_server.stop()
+
+    weights = {record.port: record.weight for record in srv_records(response)}
+    assert weights[9001] == 10
+    assert weights[9002] == 2
+    assert weights[9003] == 0
+    assert weights[9004] == 1
+
+
 async def test_srv_additional_matches_targets(server):
     response = await udp(server, "db.service.consul", "SRV")
 

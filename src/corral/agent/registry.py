@@ -310,6 +310,11 @@ class LocalRegistry:
         self._tasks: list[asyncio.Task] = []
         # Every change bumps the version, which hash-based blocking queries wait on.
         self.version = 0
+        # Service id -> the number of its latest local registration, until a sync pushes it.
+        # Such a service keeps its own tags even with EnableTagOverride, as in Consul, whose
+        # partial sync pushes a local change before a full sync adopts the catalog's tags.
+        self._unpushed_services: dict[str, int] = {}
+        self._registrations = 0
         self._saved: dict | None = None
         self._save_pending: dict | None = None
         self._save_task: asyncio.Task | None = None
@@ -422,6 +427,8 @@ class LocalRegistry:
 
         previous = self.services.get(service.id)
         self.services[service.id] = service
+        self._registrations += 1
+        self._unpushed_services[service.id] = self._registrations
         kept = set()
         for request in requests:
             await self._put_check(request, service, service.source)
@@ -449,6 +456,7 @@ class LocalRegistry:
         for check in self.checks_for_service(service_id):
             await self._drop_check(check.id)
         del self.services[service_id]
+        self._unpushed_services.pop(service_id, None)
         self._mark_changed()
         log.info("agent service deregistered node=%s id=%s", self.node.name, service_id)
 
@@ -562,7 +570,8 @@ class LocalRegistry:
             return True
 
     async def _push(self) -> None:
-        await self._adopt_catalog_tags()
+        unpushed = dict(self._unpushed_services)
+        await self._adopt_catalog_tags(unpushed)
         services = [self._catalog_service(service) for service in self.services.values()]
         checks = [self._catalog_check(check) for check in self.checks.values()]
         changes = await self.connection.sync_node_catalog(
@@ -575,10 +584,20 @@ class LocalRegistry:
                 self.node.name, changes["services_written"], changes["services_removed"],
                 changes["checks_written"], changes["checks_removed"],
             )
+        # A service registered again during the push stays unpushed, since its number changed.
+        for service_id, number in unpushed.items():
+            if self._unpushed_services.get(service_id) == number:
+                del self._unpushed_services[service_id]
 
-    async def _adopt_catalog_tags(self) -> None:
-        """Take the catalog's tags for services with EnableTagOverride, as Consul's anti-entropy does."""
-        overriding = [service for service in self.services.values() if service.enable_tag_override]
+    async def _adopt_catalog_tags(self, unpushed: dict[str, int]) -> None:
+        """Take the catalog's tags for services with EnableTagOverride, as Consul's anti-entropy does.
+
+        Services registered locally since the last push keep their own tags.
+        """
+        overriding = [
+            service for service in self.services.values()
+            if service.enable_tag_override and service.id not in unpushed
+        ]
         if not overriding:
             return
         remote = {service.id: service for service in await self.connection.node_services(self.node.name)}
@@ -925,8 +944,6 @@ class LocalRegistry:
     # Catalog records
 
     def _catalog_service(self, service: LocalService) -> Service:
-        # NOTE: the catalog's Service record has no Weights, TaggedAddresses or
-        # EnableTagOverride yet, so /v1/catalog shows their defaults until it does.
         return Service(
             node=self.node.name,
             id=service.id,
@@ -936,6 +953,9 @@ class LocalRegistry:
             tags=list(service.tags),
             meta=dict(service.meta),
             task_id=service.task_id,
+            weights=dict(service.weights),
+            tagged_addresses={tag: dict(entry) for tag, entry in service.tagged_addresses.items()},
+            enable_tag_override=service.enable_tag_override,
         )
 
     def _catalog_check(self, check: LocalCheck) -> Check:

@@ -254,6 +254,8 @@ async def sync_node_catalog(request: web.Request) -> web.Response:
     node = record_from_json(Node, _field(body, "Node"), "Node")
     _require_node(request, node.name)
     services = _records_from_json(Service, _field(body, "Services"), "Services")
+    for service in services:
+        _check_service_fields(service, "Services")
     checks = _records_from_json(Check, _field(body, "Checks"), "Checks")
     liveness = record_from_json(Check, _field(body, "LivenessCheck"), "LivenessCheck")
     counts = await state_of(request).sync_agent_node(node, services, checks, liveness)
@@ -263,6 +265,7 @@ async def sync_node_catalog(request: web.Request) -> web.Response:
 async def register_service(request: web.Request) -> web.Response:
     body = await read_json(request)
     service = record_from_json(Service, _field(body, "Service"), "Service")
+    _check_service_fields(service, "Service")
     _require_node(request, service.node)
     checks = _records_from_json(Check, body.get("Checks", []), "Checks")
     await state_of(request).register_service(service, checks)
@@ -288,6 +291,25 @@ async def update_check(request: web.Request) -> web.Response:
     if not await state_of(request).update_check(node, check_id, status, output):
         raise json_error(404, {"error": f"check {check_id} not found on node {node}"})
     return json_response({"ID": check_id})
+
+
+def _check_service_fields(service: Service, what: str) -> None:
+    """Reject a service whose weights or tagged addresses DNS and /v1/catalog could not read."""
+    weights = service.weights
+    if (
+        not isinstance(weights, dict)
+        or set(weights) != {"Passing", "Warning"}
+        or not all(isinstance(value, int) and not isinstance(value, bool) for value in weights.values())
+    ):
+        raise json_error(400, {"error": f"invalid {what}: service {service.id} has weights {weights!r}; "
+                                        'expected {"Passing": int, "Warning": int}'})
+    addresses = service.tagged_addresses
+    if not isinstance(addresses, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("Address"), str) and isinstance(entry.get("Port"), int)
+        for entry in addresses.values()
+    ):
+        raise json_error(400, {"error": f"invalid {what}: service {service.id} has tagged addresses "
+                                        f'{addresses!r}; expected {{"lan": {{"Address": str, "Port": int}}}}'})
 
 
 def _require_node(request: web.Request, name: str) -> None:

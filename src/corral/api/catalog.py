@@ -41,7 +41,18 @@ from corral.api.common import (
 from corral.duration import format_duration, parse_duration
 from corral.state import State
 from corral.state.catalog_index import CatalogIndex
-from corral.state.records import CHECKS, NODES, SERVICES, Check, Node, Service, check_key, node_key, service_key
+from corral.state.records import (
+    CHECKS,
+    NODES,
+    SERVICES,
+    Check,
+    Node,
+    Service,
+    check_key,
+    default_service_weights,
+    node_key,
+    service_key,
+)
 from corral.state.state import CatalogError
 from corral.types import CheckStatus
 
@@ -58,6 +69,11 @@ META_KEY_MAX_LENGTH = 128
 META_VALUE_MAX_LENGTH = 512
 META_RESERVED_PREFIX = "consul-"
 _META_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+# The largest SRV weight, which Service.Weights may not exceed.
+DNS_WEIGHT_MAX = 65535
+# The service tagged addresses whose address must be an IP of one family.
+_TAGGED_ADDRESS_IP_VERSIONS = {"lan_ipv4": 4, "wan_ipv4": 4, "lan_ipv6": 6, "wan_ipv6": 6}
 
 # Go's strconv.ParseBool, which Consul uses for ?passing.
 _TRUE_WORDS = ("1", "t", "T", "TRUE", "true", "True")
@@ -94,22 +110,24 @@ def node_to_api(state: State, node: Node) -> dict:
 
 
 def service_to_api(state: State, service: Service) -> dict:
+    """Return Consul's NodeService object, as /v1/health and /v1/catalog/node show it."""
     create, modify = _revisions(state, service_key(service.node, service.id))
-    return {
+    body = {
         "ID": service.id,
         "Service": service.name,
         "Tags": service.tags,
         "Address": service.address,
         "Meta": service.meta,
         "Port": service.port,
-        # NOTE: Weights and EnableTagOverride are validated on registration but not
-        # stored, because the Service record has no fields for them; Consul's defaults
-        # are returned.
-        "Weights": {"Passing": 1, "Warning": 1},
-        "EnableTagOverride": False,
-        "CreateIndex": create,
-        "ModifyIndex": modify,
     }
+    # Consul leaves TaggedAddresses out when a service has none.
+    if service.tagged_addresses:
+        body["TaggedAddresses"] = service.tagged_addresses
+    body["Weights"] = service.weights
+    body["EnableTagOverride"] = service.enable_tag_override
+    body["CreateIndex"] = create
+    body["ModifyIndex"] = modify
+    return body
 
 
 def check_to_api(state: State, check: Check, service_tags: list[str]) -> dict:
@@ -135,8 +153,8 @@ def check_to_api(state: State, check: Check, service_tags: list[str]) -> dict:
 def catalog_service_entry(state: State, node: Node, service: Service) -> dict:
     """Return one element of /v1/catalog/service/NAME: the node's fields and the Service* fields."""
     node_fields = node_to_api(state, node)
-    service_fields = service_to_api(state, service)
-    return {
+    create, modify = _revisions(state, service_key(service.node, service.id))
+    entry = {
         "ID": node_fields["ID"],
         "Node": node.name,
         "Address": node.address,
@@ -148,13 +166,17 @@ def catalog_service_entry(state: State, node: Node, service: Service) -> dict:
         "ServiceName": service.name,
         "ServiceTags": service.tags,
         "ServiceAddress": service.address,
-        "ServiceWeights": service_fields["Weights"],
-        "ServiceMeta": service.meta,
-        "ServicePort": service.port,
-        "ServiceEnableTagOverride": service_fields["EnableTagOverride"],
-        "CreateIndex": service_fields["CreateIndex"],
-        "ModifyIndex": service_fields["ModifyIndex"],
     }
+    # Consul leaves ServiceTaggedAddresses out when the service has none.
+    if service.tagged_addresses:
+        entry["ServiceTaggedAddresses"] = service.tagged_addresses
+    entry["ServiceWeights"] = service.weights
+    entry["ServiceMeta"] = service.meta
+    entry["ServicePort"] = service.port
+    entry["ServiceEnableTagOverride"] = service.enable_tag_override
+    entry["CreateIndex"] = create
+    entry["ModifyIndex"] = modify
+    return entry
 
 
 def _checks_to_api(state: State, checks: list[Check]) -> list[dict]:
@@ -521,19 +543,62 @@ def _validate_meta(meta: dict[str, str]) -> str | None:
     return None
 
 
-def _validate_weights(fields: dict[str, Any]) -> None:
+def _parse_weights(fields: dict[str, Any]) -> dict[str, int]:
+    """Read Service.Weights; a missing or empty object gives Consul's default of 1 and 1.
+
+    As with Go's decoder, a Warning left out of a non-empty object is 0.
+    """
     weights = _fields(fields.get("weights"), "Service.Weights")
     if not weights:
-        return
+        return default_service_weights()
     passing = _integer(weights, "Passing", "Service.Weights.")
     warning = _integer(weights, "Warning", "Service.Weights.")
-    # Consul's structs.ValidateWeights, with its texts.
+    # The rules of Consul's structs.ValidateWeights; its text comes first, then the value given.
+    # NOTE: Consul's catalog stores the default weights in place of invalid ones without an
+    # error; corral rejects them, so that a mistyped weight does not go unnoticed.
     if passing < 1:
-        raise RegistrationError("Passing must be greater than 0")
+        raise RegistrationError(f"Passing must be greater than 0: Service.Weights.Passing is {passing}")
     if warning < 0:
-        raise RegistrationError("Warning must be greater or equal than 0")
-    if passing > 65535 or warning > 65535:
-        raise RegistrationError("DNS Weight must be between 0 and 65535")
+        raise RegistrationError(f"Warning must be greater or equal than 0: Service.Weights.Warning is {warning}")
+    if passing > DNS_WEIGHT_MAX or warning > DNS_WEIGHT_MAX:
+        raise RegistrationError(
+            f"DNS Weight must be between 0 and {DNS_WEIGHT_MAX}: "
+            f"Service.Weights.Passing is {passing} and Service.Weights.Warning is {warning}"
+        )
+    return {"Passing": passing, "Warning": warning}
+
+
+def _parse_tagged_addresses(fields: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Read Service.TaggedAddresses: an object of tag to {"Address": ..., "Port": ...}."""
+    value = fields.get("taggedaddresses")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RegistrationError(
+            f'Request decode failed: Service.TaggedAddresses: expected an object such as '
+            f'{{"lan": {{"Address": "10.0.0.1", "Port": 80}}}}, got {value!r}'
+        )
+    addresses = {}
+    for tag, entry in value.items():
+        where = f"Service.TaggedAddresses.{tag}"
+        entry_fields = _fields(entry, where)
+        address = _string(entry_fields, "Address", f"{where}.")
+        port = _integer(entry_fields, "Port", f"{where}.")
+        if not 0 <= port <= 65535:
+            raise RegistrationError(f"Invalid {where}.Port {port}: expected a port from 0 to 65535")
+        version = _TAGGED_ADDRESS_IP_VERSIONS.get(tag)
+        if version is not None and not _is_ip_version(address, version):
+            # Consul's agent rejects these tags without an address of their family.
+            raise RegistrationError(f"Invalid {where}.Address {address!r}: expected an IPv{version} address")
+        addresses[tag] = {"Address": address, "Port": port}
+    return addresses
+
+
+def _is_ip_version(address: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(address).version == version
+    except ValueError:
+        return False
 
 
 def _is_any_address(address: str) -> bool:
@@ -610,8 +675,6 @@ def _parse_service(fields: dict[str, Any], node: str) -> Service:
     problem = _validate_meta(meta)
     if problem is not None:
         raise RegistrationError(f"Invalid Service Meta for node {node} and serviceID {service_id}: {problem}")
-    _validate_weights(fields)
-    _boolean(fields, "EnableTagOverride", "Service.")
     return Service(
         node=node,
         id=service_id,
@@ -620,6 +683,9 @@ def _parse_service(fields: dict[str, Any], node: str) -> Service:
         port=_integer(fields, "Port", "Service."),
         tags=_string_list(fields, "Tags", "Service."),
         meta=meta,
+        weights=_parse_weights(fields),
+        tagged_addresses=_parse_tagged_addresses(fields),
+        enable_tag_override=_boolean(fields, "EnableTagOverride", "Service."),
     )
 
 

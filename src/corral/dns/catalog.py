@@ -15,6 +15,7 @@ class DNSInstance:
 
     ``status`` is the worst status among the instance's checks and its node's checks:
     passing or warning, since the catalog leaves out critical instances.
+    ``weights`` are the service's SRV weights while passing and while warning.
     """
 
     node: str
@@ -23,6 +24,13 @@ class DNSInstance:
     port: int
     tags: tuple[str, ...]
     status: CheckStatus = CheckStatus.PASSING
+    weights: tuple[int, int] = (1, 1)
+
+    @property
+    def weight(self) -> int:
+        """Return the SRV weight for the instance's status, as Consul picks it."""
+        passing, warning = self.weights
+        return warning if self.status is CheckStatus.WARNING else passing
 
 
 class DNSNode(Protocol):

@@ -408,7 +408,7 @@ class Resolver:
                 continue
             seen_instances.add(identity)
             target, target_address = self._srv_target(instance, domain, datacenter_label)
-            srv = SRV(priority=1, weight=1, port=instance.port, target=DNSLabel(target))
+            srv = SRV(priority=1, weight=instance.weight, port=instance.port, target=DNSLabel(target))
             additional: list[RR] = []
             if target not in seen_targets:
                 seen_targets.add(target)

@@ -125,6 +125,11 @@ class Node:
         return cls(**orjson.loads(raw))
 
 
+def default_service_weights() -> dict[str, int]:
+    """Return Consul's default DNS weights of a service instance."""
+    return {"Passing": 1, "Warning": 1}
+
+
 @dataclass(slots=True)
 class Service:
     """A service instance in the catalog; `task_id` is set for instances corral runs."""
@@ -137,6 +142,11 @@ class Service:
     tags: list[str] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
     task_id: str = ""
+    # Consul's Weights, TaggedAddresses and EnableTagOverride, with inner keys spelled as in
+    # Consul's API. Records stored before these fields existed decode with the defaults.
+    weights: dict[str, int] = field(default_factory=default_service_weights)  # SRV weight by health
+    tagged_addresses: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"lan": {"Address", "Port"}}
+    enable_tag_override: bool = False  # anti-entropy keeps tags changed in the catalog
 
     @classmethod
     def decode(cls, raw: bytes) -> Service:

@@ -637,8 +637,11 @@ class State:
             if wanted_tag and wanted_tag not in (t.lower() for t in service.tags):
                 continue
             status = CheckStatus.WARNING if CheckStatus.WARNING in statuses else CheckStatus.PASSING
+            weights = (service.weights.get("Passing", 1), service.weights.get("Warning", 1))
             instances.append(
-                DNSInstance(node.name, node.address, service.address, service.port, tuple(service.tags), status)
+                DNSInstance(
+                    node.name, node.address, service.address, service.port, tuple(service.tags), status, weights
+                )
             )
         return instances
 
