@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from corral.agent.launcher import LauncherUnavailable, shared_client
 from corral.agent.cgroups import Limits, TaskCgroup
 from corral.agent.executor import (
     EXIT_LAUNCH_FAILED,
@@ -277,8 +278,10 @@ class TaskProcess:
             use_cgroups=spec.use_cgroups,
         )
         try:
-            returncode = await asyncio.to_thread(self._run_executor, record)
-            executor, task, ended = await asyncio.to_thread(self._read_launch_outcome)
+            # One thread job for both steps. A second to_thread call would queue behind every
+            # launch that waits for the default executor's few threads. So when many tasks start
+            # at once, none would be seen running until nearly all of them had launched.
+            returncode, (executor, task, ended) = await asyncio.to_thread(self._launch_and_read, record)
         except (OSError, ExecutorStateError) as exc:
             raise LaunchError(f"task {spec.task_id}: failed to launch {command!r}: executor: {exc}") from exc
         if ended is not None and "launch_error" in ended:
@@ -295,10 +298,27 @@ class TaskProcess:
                      spec.task_id, command, self.pid, self.executor_pid)
         return self.pid
 
+    def _launch_and_read(self, record: LaunchRecord) -> tuple[int, tuple[dict | None, dict | None, dict | None]]:
+        returncode = self._run_executor(record)
+        return returncode, self._read_launch_outcome()
+
     def _run_executor(self, record: LaunchRecord) -> int:
-        """Write launch.json, run the executor's launcher and return its exit code. Blocks."""
+        """Write launch.json, run the executor's launcher and return its exit code. Blocks.
+
+        The launcher runs in a child of the agent's fork server (corral.agent.launcher),
+        or in a new `python -m corral.agent.executor` process when the fork server
+        cannot be used.
+        """
         self.files.reset()
         write_json(self.files.launch, record.to_dict())
+        try:
+            return shared_client().launch(self.spec.sandbox, LAUNCH_TIMEOUT)
+        except TimeoutError:
+            # NOTE: unlike the fallback below, this leaves the launcher running in the fork
+            # server, so an executor that reports late may still start the task.
+            raise OSError(f"no report within {LAUNCH_TIMEOUT:g}s; see {self.files.log}") from None
+        except LauncherUnavailable as exc:
+            logger.warning("task %s: %s; starting the executor in a new Python process", self.spec.task_id, exc)
         with open(self.files.log, "ab") as log_file:
             launcher = subprocess.Popen(
                 [sys.executable, "-m", "corral.agent.executor", "--sandbox", os.path.abspath(self.spec.sandbox)],

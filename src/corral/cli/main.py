@@ -7,7 +7,7 @@ import sys
 import click
 
 import corral
-from corral.cli import catalog, jobs, kv, logs
+from corral.cli import catalog, cluster, jobs, kv, logs
 from corral.cli.agent import agent
 from corral.cli.dev import dev
 from corral.cli.server import server
@@ -36,6 +36,10 @@ cli.add_command(kv.kv)
 cli.add_command(logs.logs)
 cli.add_command(catalog.catalog)
 cli.add_command(catalog.members)
+cli.add_command(cluster.agents)
+cli.add_command(cluster.tasks)
+cli.add_command(cluster.frameworks)
+cli.add_command(cluster.roles)
 
 
 def main() -> None:
