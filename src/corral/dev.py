@@ -24,6 +24,7 @@ from corral.agent.resources import DEFAULT_PORT_RANGE, AgentResources, PortRange
 from corral.api import build_app
 from corral.dns.server import DNSConfig, DNSServer
 from corral.master.jobs import JobScheduler
+from corral.master.master import Master, MasterConfig
 from corral.metrics import Metrics
 from corral.state import State
 from corral.store import SQLiteStore
@@ -65,6 +66,8 @@ class DevConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     # TTLs, health filtering, truncation and recursors of the DNS interface.
     dns: DNSConfig = field(default_factory=DNSConfig)
+    # The offer cycle: allocation interval, offer timeout, role weights, status resends.
+    master: MasterConfig = field(default_factory=MasterConfig)
 
 
 class DevCluster:
@@ -72,8 +75,13 @@ class DevCluster:
         self.config = config
         self.store = SQLiteStore(Path(config.data_dir) / STORE_FILE)
         self.state = State(self.store, datacenter=config.datacenter)
-        self.scheduler = JobScheduler(self.state)
+        self.master = Master(
+            self.state, config.master,
+            master_info={"id": config.node, "ip": 0, "port": config.http_port, "hostname": config.http_host},
+        )
+        self.scheduler = JobScheduler(self.state, master=self.master)
         self.metrics = Metrics()
+        self.metrics.allocator = self.master
         self.dns = DNSServer(
             self.state, config.dns_host, config.dns_port, config.dns, on_response=self.metrics.observe_dns_response
         )
@@ -111,9 +119,10 @@ class DevCluster:
         rpc_addr = f"{config.http_host}:{config.http_port}"
         app = build_app(
             self.state, config.node, rpc_addr, agent=self.agent, kv_max_value_size=config.kv_max_value_size,
-            metrics=self.metrics,
+            metrics=self.metrics, master=self.master,
         )
         self._runner = await start_listeners(app, config.http_host, config.http_port, self.dns)
+        await self.master.start()
         self.scheduler.start()
         await self.agent.start()
         log.info(
@@ -128,6 +137,7 @@ class DevCluster:
             return
         self._started = False
         log.info("corral dev stopping node=%s", self.config.node)
+        await self.master.stop()
         await self.scheduler.stop()
         await self.agent.stop()
         await self.dns.stop()

@@ -18,7 +18,13 @@ from typing import Any, Protocol
 
 from dnslib import QTYPE, RCODE
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 
 from corral.types import CheckStatus
 
@@ -45,6 +51,34 @@ class CatalogSource(Protocol):
     def services(self) -> list: ...
 
     def checks(self) -> list: ...
+
+
+# Upper bounds in seconds of the allocation cycle duration histogram's buckets.
+ALLOCATION_CYCLE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass(slots=True)
+class AllocatorFigures:
+    """The master's offer-cycle figures at one moment; counts are totals since the server started."""
+
+    offers_made: int = 0
+    offers_accepted: int = 0
+    offers_declined: int = 0
+    offers_rescinded: int = 0
+    # Tasks launched on offers per second, over the last minute: the allocation rate.
+    launches_per_second: float = 0.0
+    # Cycles whose duration was at most each bound of ALLOCATION_CYCLE_BUCKETS (not cumulative).
+    cycle_bucket_counts: list[int] | None = None
+    cycle_count: int = 0
+    cycle_seconds_total: float = 0.0
+    # Each role's dominant share of the cluster, between 0 and 1.
+    dominant_shares: dict[str, float] | None = None
+
+
+class AllocatorSource(Protocol):
+    """The source of the allocator metrics: the master."""
+
+    def allocator_figures(self) -> AllocatorFigures: ...
 
 
 class RateWindow:
@@ -146,6 +180,7 @@ class Metrics:
         self.check_results: dict[str, int] = {}
         self.discovery = RateWindow(clock=clock)
         self.catalog: CatalogSource | None = None
+        self.allocator: AllocatorSource | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -222,6 +257,13 @@ class Metrics:
              "Labels": _labels_dict(("method", "route"), key)}
             for key, stats in sorted(self.http_durations.items())
         ]
+        if self.allocator is not None:
+            figures = self.allocator.allocator_figures()
+            for name in ("offers_made", "offers_accepted", "offers_declined", "offers_rescinded"):
+                counters.append(_counter(f"corral.allocator.{name}", getattr(figures, name), {}))
+            gauges.append(_gauge("corral.allocator.launches_per_second", figures.launches_per_second))
+            gauges += [_gauge("corral.allocator.dominant_share", share, {"role": role})
+                       for role, share in sorted((figures.dominant_shares or {}).items())]
         timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
         return {"Timestamp": timestamp, "Gauges": gauges, "Points": [], "Counters": counters, "Samples": samples}
 
@@ -290,9 +332,43 @@ class _Collector:
             by_status.add_metric([status], count)
         yield by_status
 
+        if metrics.allocator is not None:
+            yield from _allocator_families(metrics.allocator.allocator_figures())
+
         yield GaugeMetricFamily(
             "corral_discovery_lookups_per_second",
             f"DNS responses and /v1/health/service lookups answered per second, over the last "
             f"{RATE_WINDOW_SECONDS} seconds.",
             value=metrics.discovery.rate(),
         )
+
+
+def _allocator_families(figures: AllocatorFigures) -> Iterator[Metric]:
+    for name, text in (
+        ("offers_made", "Offers sent to frameworks."),
+        ("offers_accepted", "Offers accepted with at least one launch."),
+        ("offers_declined", "Offers declined, or accepted with no launch."),
+        ("offers_rescinded", "Offers taken back: timed out, or their agent or framework went away."),
+    ):
+        yield CounterMetricFamily(f"corral_allocator_{name}", text, value=getattr(figures, name))
+    buckets = []
+    cumulative = 0
+    for bound, count in zip(ALLOCATION_CYCLE_BUCKETS, figures.cycle_bucket_counts or [], strict=False):
+        cumulative += count
+        buckets.append((repr(bound), cumulative))
+    buckets.append(("+Inf", figures.cycle_count))
+    yield HistogramMetricFamily(
+        "corral_allocator_cycle_seconds", "Duration of the allocation cycles.",
+        buckets=buckets, sum_value=figures.cycle_seconds_total,
+    )
+    yield GaugeMetricFamily(
+        "corral_allocator_launches_per_second",
+        "Tasks launched on offers per second over the last minute (the allocation rate).",
+        value=figures.launches_per_second,
+    )
+    shares = GaugeMetricFamily(
+        "corral_allocator_role_dominant_share", "Each role's dominant share of the cluster.", labels=["role"]
+    )
+    for role, share in sorted((figures.dominant_shares or {}).items()):
+        shares.add_metric([role], share)
+    yield shares

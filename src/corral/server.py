@@ -19,6 +19,7 @@ from corral.dev import STORE_FILE, start_listeners
 from corral.dns.server import DNSConfig, DNSServer
 from corral.master.agents import DEFAULT_AGENT_TIMEOUT, AgentMonitor
 from corral.master.jobs import JobScheduler
+from corral.master.master import Master, MasterConfig
 from corral.metrics import Metrics
 from corral.state import State
 from corral.store import SQLiteStore
@@ -41,6 +42,8 @@ class ServerConfig:
     # Seconds without a heartbeat after which an agent is declared failed.
     agent_timeout: float = DEFAULT_AGENT_TIMEOUT
     dns: DNSConfig = field(default_factory=DNSConfig)
+    # The offer cycle: allocation interval, offer timeout, role weights, status resends.
+    master: MasterConfig = field(default_factory=MasterConfig)
 
 
 class Server:
@@ -55,9 +58,14 @@ class Server:
         self.config = config
         self.store = SQLiteStore(Path(config.data_dir) / STORE_FILE)
         self.state = State(self.store, datacenter=config.datacenter)
-        self.scheduler = JobScheduler(self.state)
         self.monitor = AgentMonitor(self.state, config.agent_timeout)
+        self.master = Master(
+            self.state, config.master, monitor=self.monitor,
+            master_info={"id": config.node, "ip": 0, "port": config.http_port, "hostname": config.http_host},
+        )
+        self.scheduler = JobScheduler(self.state, master=self.master)
         self.metrics = Metrics()
+        self.metrics.allocator = self.master
         self.dns = DNSServer(
             self.state, config.dns_host, config.dns_port, config.dns, on_response=self.metrics.observe_dns_response
         )
@@ -77,6 +85,7 @@ class Server:
         app = build_app(
             self.state, config.node, f"{config.http_host}:{config.http_port}",
             kv_max_value_size=config.kv_max_value_size, metrics=self.metrics, agent_monitor=self.monitor,
+            master=self.master,
         )
         self._runner = await start_listeners(app, config.http_host, config.http_port, self.dns)
 
@@ -85,6 +94,7 @@ class Server:
             return
         await self.setup()
         self._started = True
+        await self.master.start()
         self.scheduler.start()
         self.monitor.start()
         config = self.config
@@ -101,6 +111,7 @@ class Server:
         log.info("corral server stopping node=%s", self.config.node)
         if self._started:
             self._started = False
+            await self.master.stop()
             await self.monitor.stop()
             await self.scheduler.stop()
         self._set_up = False

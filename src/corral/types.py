@@ -17,14 +17,29 @@ class TaskState(enum.StrEnum):
     KILLED = "KILLED"
     ERROR = "ERROR"
     LOST = "LOST"
+    # The agent of the task was declared failed; the task is reported so to partition-aware frameworks.
+    UNREACHABLE = "UNREACHABLE"
+    # The agent of the task left the cluster for good.
+    GONE = "GONE"
 
     @property
     def is_terminal(self) -> bool:
         return self in _TERMINAL_TASK_STATES
 
 
+# FAILED is missing because a job task that exits is restarted in place (FAILED, then
+# STARTING again); a framework task that fails ends there (see Task.ended).
+# NOTE: Mesos does not count UNREACHABLE as terminal, because the agent may come back.
+# corral stops such tasks (desired STOP) when it declares their agent failed, so here it is.
 _TERMINAL_TASK_STATES = frozenset(
-    {TaskState.FINISHED, TaskState.KILLED, TaskState.ERROR, TaskState.LOST}
+    {
+        TaskState.FINISHED,
+        TaskState.KILLED,
+        TaskState.ERROR,
+        TaskState.LOST,
+        TaskState.UNREACHABLE,
+        TaskState.GONE,
+    }
 )
 
 

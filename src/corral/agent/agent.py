@@ -174,7 +174,7 @@ class Agent:
         tasks, _ = await self.connection.assigned_tasks(self.node)
         live = set()
         for task in tasks:
-            if task.state.is_terminal:
+            if task.ended:
                 continue
             live.add(task.id)
             recovered = await recover_task_process(task.id, self.sandbox_path(task.id))
@@ -233,7 +233,7 @@ class Agent:
     async def collect_sandboxes(self) -> list[str]:
         """Remove the sandboxes of ended tasks that the retention policy no longer keeps; return their ids."""
         tasks, _ = await self.connection.assigned_tasks(self.node)
-        keep = {task.id for task in tasks if not task.state.is_terminal} | set(self.runners)
+        keep = {task.id for task in tasks if not task.ended} | set(self.runners)
         removed = await asyncio.to_thread(
             collect_sandboxes, self.sandboxes, keep, self.sandbox_retention, self.node
         )
@@ -277,7 +277,7 @@ class Agent:
             if task.desired is DesiredState.STOP:
                 if runner is not None and not runner.stopping:
                     self._background(runner.stop("stopped by the scheduler"))
-                elif runner is None and not task.state.is_terminal:
+                elif runner is None and not task.ended:
                     await self._mark_killed(task)
                 continue
             if runner is None and task.state is TaskState.STAGING:

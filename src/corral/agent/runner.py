@@ -73,6 +73,8 @@ class TaskRunner:
         self._backoff = RestartBackoff()
         self._runner: asyncio.Task | None = None
         self._detached = False
+        # How the process last exited; None before the first exit and after a failed launch.
+        self._exit: ExitStatus | None = None
 
     @property
     def task_id(self) -> str:
@@ -162,6 +164,10 @@ class TaskRunner:
             await self._cleanup()
             if self._stop_requested.is_set():
                 break
+            if self.task.framework_id:
+                # A framework's task runs once, as in Mesos: its framework decides what comes next.
+                await self._finish(exit_status)
+                return
             delay = self._backoff.next_delay(time.monotonic(), started_at)
             restarts = self.task.restarts + 1
             await self._transition(
@@ -173,6 +179,12 @@ class TaskRunner:
             await self._update(restarts=restarts)
         await self._cleanup()
         await self._transition(TaskState.KILLED, self._stop_reason)
+
+    async def _finish(self, exit_status: str) -> None:
+        """End a framework's task: FINISHED after exit code 0, FAILED otherwise (a failed launch included)."""
+        exited = self._exit
+        state = TaskState.FINISHED if exited is not None and exited.success else TaskState.FAILED
+        await self._transition(state, exit_status)
 
     async def _run_once(self, env: dict[str, str]) -> str | None:
         """Run the process once; return how it ended or failed to launch, or None when stopped."""
@@ -223,6 +235,7 @@ class TaskRunner:
             await process.stop()
             return None
         status: ExitStatus = wait_exit.result()
+        self._exit = status
         if status.oom_killed:
             log.warning("task ran out of memory task=%s job=%s node=%s: %s",
                         self.task_id, self.task.job, self.context.node, status.describe())

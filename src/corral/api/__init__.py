@@ -9,11 +9,12 @@ from aiohttp import web
 from corral.agent.agent import Agent
 from corral.api import agent as agent_api
 from corral.api import agents as agents_api
-from corral.api import catalog, event, jobs, kv, logs, session, txn
+from corral.api import catalog, event, jobs, kv, logs, scheduler, session, txn
 from corral.api import metrics as metrics_api
 from corral.api.catalog import SERVER_INFO_KEY
 from corral.api.common import STATE_KEY, text_error
 from corral.master.agents import AgentMonitor
+from corral.master.master import Master
 from corral.metrics import Metrics
 from corral.state import State
 from corral.state.sessions import SessionManager
@@ -47,11 +48,13 @@ def build_app(
     kv_max_value_size: int = kv.MAX_VALUE_SIZE,
     metrics: Metrics | None = None,
     agent_monitor: AgentMonitor | None = None,
+    master: Master | None = None,
 ) -> web.Application:
     """Build the application serving `state`; `node` is the local agent's node name.
 
     With `agent`, the application also serves that agent's /v1/agent endpoints.
     With `agent_monitor`, it serves /v1/agents, the endpoints of agent processes.
+    With `master`, it serves Mesos's scheduler API, /v1/frameworks and /v1/roles.
     Requests are counted into `metrics` (a new Metrics when None), which
     /v1/agent/metrics serves with the catalog's sizes.
     """
@@ -79,4 +82,6 @@ def build_app(
         agent_api.add_routes(app, agent)
     if agent_monitor is not None:
         agents_api.add_routes(app, agent_monitor)
+    if master is not None:
+        scheduler.add_routes(app, master)
     return app

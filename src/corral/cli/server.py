@@ -14,9 +14,27 @@ from corral.cli.dev import _address, _on_signal, _parsed, _positive_seconds, _ru
 from corral.dev import ListenError, default_data_dir
 from corral.dns.config import DNSConfig
 from corral.master.agents import DEFAULT_AGENT_TIMEOUT
+from corral.master.master import DEFAULT_ALLOCATION_INTERVAL, DEFAULT_OFFER_TIMEOUT, MasterConfig
 from corral.server import Server, ServerConfig
 
 log = logging.getLogger("corral.server")
+
+
+def _offer_timeout(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    return _positive_seconds(text)
+
+
+def _role_weight(text: str) -> tuple[str, float]:
+    role, separator, weight = text.partition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = 0.0
+    if not separator or not role or not value > 0:
+        raise ValueError(f"invalid role weight {text!r}: expected ROLE=WEIGHT with a weight above 0, such as web=2")
+    return role, value
 
 
 def default_server_data_dir() -> Path:
@@ -37,11 +55,22 @@ def default_server_data_dir() -> Path:
               callback=_parsed(_positive_seconds),
               help="Duration without a heartbeat after which an agent is declared failed and its tasks "
                    "are replaced elsewhere, such as 10s.")
+@click.option("--allocation-interval", default=f"{DEFAULT_ALLOCATION_INTERVAL:g}s", show_default=True,
+              callback=_parsed(_positive_seconds),
+              help="Duration between allocation cycles of the offer cycle, such as 1s.")
+@click.option("--offer-timeout", default=f"{DEFAULT_OFFER_TIMEOUT:g}s", show_default=True,
+              callback=_parsed(_offer_timeout),
+              help="Duration after which an unanswered offer is rescinded, or 'off' to keep offers.")
+@click.option("--role-weight", "role_weights", multiple=True, callback=_parsed(_role_weight),
+              help="Weight of a role in the DRF order, as ROLE=WEIGHT; repeat for several roles.")
 @click.option("--kv-max-value-size", type=click.IntRange(min=1), default=512 * 1024, show_default=True,
               help="Largest KV value a PUT may store, in bytes; larger ones are rejected with 413.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Lowest level of log lines to print.")
-def server(data_dir, http_addr, dns_addr, node, datacenter, agent_timeout, kv_max_value_size, log_level) -> None:
+def server(
+    data_dir, http_addr, dns_addr, node, datacenter, agent_timeout, allocation_interval, offer_timeout,
+    role_weights, kv_max_value_size, log_level,
+) -> None:
     """Run a server: store, HTTP API, DNS, job scheduler and agent failure detection.
 
     Agents join it with `corral agent --join HOST:PORT`. Stopping the server
@@ -60,6 +89,9 @@ def server(data_dir, http_addr, dns_addr, node, datacenter, agent_timeout, kv_ma
         kv_max_value_size=kv_max_value_size,
         agent_timeout=agent_timeout,
         dns=DNSConfig(),
+        master=MasterConfig(
+            allocation_interval=allocation_interval, offer_timeout=offer_timeout, role_weights=dict(role_weights)
+        ),
     )
     click.echo(f"==> corral server: data folder {data_dir}", err=True)
     try:

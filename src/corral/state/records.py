@@ -12,6 +12,7 @@ Key layout (every key is bytes, every record value is JSON):
     services/<node>/<service id>   a catalog service instance
     checks/<node>/<check id>       a catalog health check
     sessions/<session id>          a Consul session, attached to a store lease when it has a TTL
+    frameworks/<framework id>      a framework subscribed to the master
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ NODES = b"nodes/"
 SERVICES = b"services/"
 CHECKS = b"checks/"
 SESSIONS = b"sessions/"
+FRAMEWORKS = b"frameworks/"
 
 
 def kv_key(key: str) -> bytes:
@@ -75,6 +77,10 @@ def check_key(node: str, check_id: str) -> bytes:
 
 def session_key(session_id: str) -> bytes:
     return SESSIONS + session_id.encode()
+
+
+def framework_key(framework_id: str) -> bytes:
+    return FRAMEWORKS + framework_id.encode()
 
 
 def encode(record: Any) -> bytes:
@@ -233,11 +239,14 @@ class JobStatus:
 
 @dataclass(slots=True)
 class Task:
-    """One instance of a job placed on a node.
+    """One task placed on a node: an instance of a job, or a task a framework launched.
 
-    The scheduler creates the record and sets `desired`; the node's agent
-    updates the rest. `spec_version` is the job's `task_version` whose
-    spec the task runs.
+    The scheduler (the job scheduler or the master) creates the record and
+    sets `desired`; the node's agent updates the rest. `spec_version` is the
+    job's `task_version` whose spec the task runs. A framework's task has a
+    `framework_id`, runs once instead of being restarted, and carries the
+    latest status update sent to its framework in `status` (Mesos's v1
+    TaskStatus JSON) until the framework acknowledges it.
     """
 
     id: str
@@ -258,6 +267,17 @@ class Task:
     restarts: int = 0
     created_at: float = 0.0
     updated_at: float = 0.0
+    # Framework tasks only: the framework, the task's name and id as the framework gave them,
+    # its command ({"shell": true, "value": "..."} or {"shell": false, "value": program,
+    # "arguments": [...]}), its environment and its disk in MB.
+    framework_id: str = ""
+    name: str = ""
+    framework_task_id: str = ""
+    command: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    disk: float = 0.0
+    status: dict[str, Any] | None = None
+    status_acknowledged: bool = True
 
     @classmethod
     def decode(cls, raw: bytes) -> Task:
@@ -267,9 +287,14 @@ class Task:
         return cls(**fields)
 
     @property
+    def ended(self) -> bool:
+        """Whether the task will not run again: a terminal state, or FAILED for a framework task."""
+        return self.state.is_terminal or (bool(self.framework_id) and self.state is TaskState.FAILED)
+
+    @property
     def holds_resources(self) -> bool:
         """Whether the task's cpus, memory and ports count as used on its node."""
-        return not self.state.is_terminal
+        return not self.ended
 
     def to_api(self) -> dict[str, Any]:
         return {
@@ -285,6 +310,8 @@ class Task:
             "Restarts": self.restarts,
             "Resources": {"cpus": self.cpus, "memory": self.memory},
             "JobVersion": self.spec_version,
+            "Framework": self.framework_id,
+            "Name": self.name,
             "CreatedAt": self.created_at,
             "UpdatedAt": self.updated_at,
         }
@@ -302,4 +329,28 @@ class AgentInfo:
 
     @classmethod
     def decode(cls, raw: bytes) -> AgentInfo:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(slots=True)
+class FrameworkRecord:
+    """A framework as it subscribed, from Mesos's FrameworkInfo, kept across server restarts.
+
+    `failover_timeout` is in seconds; `capabilities` are Mesos's capability
+    types, such as PARTITION_AWARE. `registered_at` is wall-clock seconds.
+    """
+
+    id: str
+    name: str
+    user: str
+    role: str
+    failover_timeout: float = 0.0
+    capabilities: list[str] = field(default_factory=list)
+    hostname: str = ""
+    principal: str = ""
+    webui_url: str = ""
+    registered_at: float = 0.0
+
+    @classmethod
+    def decode(cls, raw: bytes) -> FrameworkRecord:
         return cls(**orjson.loads(raw))

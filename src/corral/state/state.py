@@ -18,6 +18,7 @@ from corral.state import kvlocks, records
 from corral.state.records import (
     AgentInfo,
     Check,
+    FrameworkRecord,
     JobRecord,
     JobStatus,
     KVEntry,
@@ -350,6 +351,26 @@ class State:
     async def deregister_agent(self, node: str) -> bool:
         """Remove an agent's record, so that nothing new is placed on it; False when it had none."""
         key = records.agent_key(node)
+        if self.view.get(key) is None:
+            return False
+        await self._commit([], [Delete(key)])
+        return True
+
+    # Frameworks
+
+    def framework(self, framework_id: str) -> FrameworkRecord | None:
+        kv = self.view.get(records.framework_key(framework_id))
+        return FrameworkRecord.decode(kv.value) if kv else None
+
+    def frameworks(self) -> list[FrameworkRecord]:
+        return [FrameworkRecord.decode(kv.value) for kv in self.view.range(records.FRAMEWORKS)]
+
+    async def put_framework(self, framework: FrameworkRecord) -> None:
+        await self._commit([], [Put(records.framework_key(framework.id), encode(framework))])
+
+    async def delete_framework(self, framework_id: str) -> bool:
+        """Remove a framework's record; False when it had none. Its tasks' records stay."""
+        key = records.framework_key(framework_id)
         if self.view.get(key) is None:
             return False
         await self._commit([], [Delete(key)])
