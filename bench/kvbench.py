@@ -275,22 +275,22 @@ def build_servers(workdir: Path, venv_bin: Path) -> tuple[Server, Server]:
 
 
 def build_tests(corral: Server, etcd: Server) -> list[Test]:
-    etcd_put = json.dumps({"key": b64(ONE_KEY), "value": b64(VALUE)})
     etcd_range = json.dumps({"key": b64(GET_KEY)})
     etcd_serializable = json.dumps({"key": b64(GET_KEY), "serializable": True})
     return [
         Test(
             "PUT, 10,000 keys",
-            f"a PUT of an {len(VALUE)}-byte value, each connection writing keys "
-            f"`{PUT_PREFIX}000000` to `{PUT_PREFIX}{PUT_KEY_COUNT - 1:06d}` in turn",
+            f"a PUT of an {len(VALUE)}-byte value that differs on every request, each connection "
+            f"writing keys `{PUT_PREFIX}000000` to `{PUT_PREFIX}{PUT_KEY_COUNT - 1:06d}` in turn",
             Load(f"{corral.base_url}/v1/kv/", ["keys", "corral", PUT_PREFIX, str(PUT_KEY_COUNT), VALUE]),
             Load(f"{etcd.base_url}/v3/kv/put", ["keys", "etcd", PUT_PREFIX, str(PUT_KEY_COUNT), VALUE]),
         ),
         Test(
             "PUT, one key",
-            f"a PUT of an {len(VALUE)}-byte value to the one key `{ONE_KEY}` from every connection",
-            Load(f"{corral.base_url}/v1/kv/{ONE_KEY}", ["fixed", "PUT", VALUE]),
-            Load(f"{etcd.base_url}/v3/kv/put", ["fixed", "POST", etcd_put]),
+            f"a PUT of an {len(VALUE)}-byte value that differs on every request, to the one key "
+            f"`{ONE_KEY}` from every connection",
+            Load(f"{corral.base_url}/v1/kv/", ["keys", "corral", ONE_KEY, "0", VALUE]),
+            Load(f"{etcd.base_url}/v3/kv/put", ["keys", "etcd", ONE_KEY, "0", VALUE]),
         ),
         Test(
             "GET, default / linearizable",

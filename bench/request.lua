@@ -3,9 +3,13 @@
 -- Arguments after wrk's `--`:
 --   fixed METHOD [BODY]            the same request every time (wrk's URL path)
 --   keys corral|etcd PREFIX COUNT VALUE
---                                  a PUT of VALUE to PREFIX000000 ... up to COUNT
---                                  keys, in turn, per wrk thread; through corral's
---                                  /v1/kv/KEY or etcd's JSON gateway /v3/kv/put
+--                                  a PUT to PREFIX000000 ... up to COUNT keys, in
+--                                  turn, per wrk thread, or with COUNT 0 to the one
+--                                  key PREFIX; through corral's /v1/kv/KEY or etcd's
+--                                  JSON gateway /v3/kv/put. The value is VALUE with
+--                                  its last 6 bytes replaced by the request number,
+--                                  so every write changes the key (Consul skips a
+--                                  write that changes nothing).
 -- The summary is one line that starts with "BENCH_JSON ", which
 -- bench/kvbench.py parses. Latencies are in microseconds.
 
@@ -48,8 +52,9 @@ function init(args)
         key_prefix = args[3]
         key_count = tonumber(args[4])
         key_value = args[5]
-        if (key_format ~= "corral" and key_format ~= "etcd") or key_count == nil or key_value == nil then
-            error("invalid arguments for keys mode: expected corral|etcd PREFIX COUNT VALUE")
+        if (key_format ~= "corral" and key_format ~= "etcd") or key_count == nil or key_value == nil
+            or #key_value < 6 then
+            error("invalid arguments for keys mode: expected corral|etcd PREFIX COUNT VALUE, VALUE of 6 bytes or more")
         end
     else
         error("invalid mode " .. tostring(mode) .. ": expected fixed or keys")
@@ -60,12 +65,16 @@ function request()
     if cached_request ~= nil then
         return cached_request
     end
-    local key = key_prefix .. string.format("%06d", counter % key_count)
+    local key = key_prefix
+    if key_count > 0 then
+        key = key_prefix .. string.format("%06d", counter % key_count)
+    end
+    local value = key_value:sub(1, #key_value - 6) .. string.format("%06d", counter % 1000000)
     counter = counter + 1
     if key_format == "corral" then
-        return wrk.format("PUT", "/v1/kv/" .. key, nil, key_value)
+        return wrk.format("PUT", "/v1/kv/" .. key, nil, value)
     end
-    local body = '{"key":"' .. base64(key) .. '","value":"' .. base64(key_value) .. '"}'
+    local body = '{"key":"' .. base64(key) .. '","value":"' .. base64(value) .. '"}'
     return wrk.format("POST", "/v3/kv/put", {["Content-Type"] = "application/json"}, body)
 end
 

@@ -209,6 +209,32 @@ def test_release_keeps_lock_index(client):
     assert entry["LockIndex"] == 1
 
 
+def test_plain_put_keeps_holder_and_zeroes_lock_index(client):
+    session_id = client.session.create(lock_delay=0)
+    client.kv.put("locks/plain", "held", acquire=session_id)
+    assert client.kv.put("locks/plain", "overwritten") is True
+    _, entry = client.kv.get("locks/plain")
+    assert entry["Value"] == b"overwritten"
+    assert entry["Session"] == session_id
+    assert entry["LockIndex"] == 0
+
+
+def test_unchanged_put_keeps_modify_index(client):
+    client.kv.put("same/key", "value", flags=7)
+    index, before = client.kv.get("same/key")
+    assert client.kv.put("same/key", "value", flags=7) is True
+    assert client.kv.put("same/key", "value", flags=7, cas=before["ModifyIndex"]) is True
+    _, after = client.kv.get("same/key")
+    assert after["ModifyIndex"] == before["ModifyIndex"]
+    # A blocking query on the key is not woken by the write that changed nothing.
+    started = time.monotonic()
+    client.kv.get("same/key", index=index, wait="1s")
+    assert time.monotonic() - started >= 0.9
+    assert client.kv.put("same/key", "value", flags=8) is True
+    _, changed = client.kv.get("same/key")
+    assert changed["ModifyIndex"] > before["ModifyIndex"]
+
+
 def test_release_by_other_session_fails(client):
     holder = client.session.create(lock_delay=0)
     other = client.session.create(lock_delay=0)

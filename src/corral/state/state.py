@@ -129,15 +129,18 @@ class State:
     async def kv_put(self, key: str, value: bytes, flags: int = 0, cas: int | None = None) -> bool:
         store_key = records.kv_key(key)
         existing = self.kv_get(key)
+        # As in Consul, a plain write keeps the lock holder (locks are advisory) and
+        # sets LockIndex to 0, because Consul's set takes LockIndex from the request.
         entry = KVEntry(key, value, flags=flags)
         if existing is not None:
-            # A plain write keeps the lock fields: locks in Consul's KV are advisory.
-            entry.lock_index = existing.lock_index
             entry.session = existing.session
+            if _same_entry(existing, entry) and (cas is None or cas == existing.modify_index):
+                # Consul skips a write that changes nothing, so no index moves and no watcher wakes.
+                return True
         if cas is not None:
             compares = [_mod_revision_is(store_key, cas)]
-        elif existing is None or (not existing.session and not existing.lock_index):
-            # The lock fields are empty, and only an acquire can set them, which
+        elif existing is None or not existing.session:
+            # The key has no lock holder, and only an acquire can set one, which
             # bumps the key's lock marker. Comparing the marker instead of the key
             # lets concurrent plain writes of one key commit together.
             marker = records.kv_lock_key(key)
@@ -698,6 +701,16 @@ def _service_name(raw: bytes) -> str:
 
 def _without_count(spec: dict) -> dict:
     return {field: value for field, value in spec.items() if field != "count"}
+
+
+def _same_entry(existing: KVEntry, entry: KVEntry) -> bool:
+    """Tell whether writing `entry` would change nothing of `existing`, as Consul's DirEntry.Equal does."""
+    return (
+        existing.value == entry.value
+        and existing.flags == entry.flags
+        and existing.lock_index == entry.lock_index
+        and existing.session == entry.session
+    )
 
 
 def _mod_revision_is(key: bytes, revision: int) -> Compare:
