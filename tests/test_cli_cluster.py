@@ -1,8 +1,9 @@
 """`corral agents`, `corral tasks`, `corral frameworks` and `corral roles`.
 
 The first part starts `corral server` and one `corral agent` as separate
-processes, runs a job of two `sleep` instances on them and reads it back
-through the commands. The second part serves fixed JSON (or 404 for every
+processes, runs a job of two `sleep` instances and a corral.sdk framework
+with one `sleep` task on them, and reads them back through the commands.
+The second part serves fixed JSON (or 404 for every
 path) from a small HTTP server on 127.0.0.1, to check how the documented
 shapes of /v1/frameworks and /v1/roles print and how a server without an
 endpoint is reported.
@@ -12,22 +13,17 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cluster import ProcessCluster, SleepFramework, ThreadedDriver
 from devcluster import free_port, task_processes, wait_until
 
 from corral.cli import cluster as cluster_cli
 from corral.cli.main import cli
+from corral.sdk import FrameworkInfo
 
 NODE = "c1"
 JOB = "sleepers"
@@ -45,87 +41,13 @@ resources = {{ cpus = 0.25, memory = 32 }}
 """
 
 
-def _get(address: str, path: str):
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as answer:
-        return json.load(answer)
-
-
-def _status(address: str, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as answer:
-            return answer.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-class ServerAndAgent:
-    """`corral server` and one `corral agent` as subprocesses, with their logs in `folder`."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.http = f"127.0.0.1:{free_port()}"
-        self.agent_http = f"127.0.0.1:{free_port()}"
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    def _spawn(self, name: str, args: list[str], ready_address: str, ready_path: str) -> None:
-        with open(self.folder / f"{name}.log", "ab") as log:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "corral", *args], stdout=log, stderr=subprocess.STDOUT
-            )
-
-        def ready() -> bool:
-            if self.processes[name].poll() is not None:
-                raise AssertionError(f"{name} exited with {self.processes[name].returncode}:\n{self.log(name)}")
-            try:
-                _get(ready_address, ready_path)
-            except OSError:
-                return False
-            return True
-
-        wait_until(ready, 30, f"the HTTP address of {name}")
-
-    def start(self) -> None:
-        self._spawn("server", [
-            "server", "--data-dir", str(self.folder / "server"), "--http-addr", self.http,
-            "--dns-addr", f"127.0.0.1:{free_port()}",
-        ], self.http, "/v1/status/leader")
-        self._spawn(NODE, [
-            "agent", "--join", self.http, "--node", NODE, "--data-dir", str(self.folder / NODE),
-            "--http-addr", self.agent_http, "--resources", "cpus:2;mem:512;disk:2000;ports:[24500-24599]",
-        ], self.agent_http, "/v1/agent/members")
-        wait_until(lambda: any(agent["Node"] == NODE for agent in self.get("/v1/agents")), 15,
-                   f"agent {NODE} registered")
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text(errors="replace")
-
-    def get(self, path: str):
-        return _get(self.http, path)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=60,
-            env={**os.environ, "CORRAL_HTTP_ADDR": self.http},
-        )
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli-cluster")
-    processes = ServerAndAgent(folder)
+    processes = ProcessCluster(folder)
     try:
-        processes.start()
+        processes.start_server()
+        processes.start_agent(NODE, "cpus:2;mem:512;disk:2000;ports:[24500-24599]")
         job_file = folder / "sleepers.toml"
         job_file.write_text(JOB_FILE)
         result = processes.cli("job", "run", str(job_file), "--timeout", "30")
@@ -135,14 +57,14 @@ def cluster(tmp_path_factory):
         result = processes.cli("job", "stop", JOB)
         assert result.returncode == 0, result.stderr
     finally:
-        processes.stop()
+        processes.stop(kill_tasks=False)
         leftover = task_processes(folder)
         for process in leftover:
             process.kill()
     assert not leftover, f"task processes left after the tests: {[process.pid for process in leftover]}"
 
 
-def _running_tasks(cluster: ServerAndAgent) -> list[dict]:
+def _running_tasks(cluster: ProcessCluster) -> list[dict]:
     return [task for task in cluster.get(f"/v1/tasks?job={JOB}") if task["State"] == "RUNNING"]
 
 
@@ -235,24 +157,53 @@ def test_tasks_rejects_bad_state(cluster):
 # corral frameworks and corral roles on the real server
 
 
-def test_frameworks_match_endpoint(cluster):
+@pytest.fixture(scope="module")
+def framework(cluster):
+    """A corral.sdk framework in role "batch" with one running `sleep` task of 0.5 cpus."""
+    scheduler = SleepFramework(cpus=0.5, mem=32, limit=1, refuse_seconds=1)
+    driver = ThreadedDriver(scheduler, FrameworkInfo("cli-sleeper", roles=("batch",)), f"http://{cluster.http}")
+    driver.start()
+    try:
+        wait_until(lambda: scheduler.running() == 1, 30, "the framework's task running")
+        yield driver
+    finally:
+        # Tearing the framework down kills its task before the agent stops.
+        driver.stop()
+        wait_until(lambda: not _framework_tasks_running(cluster), 15, "the framework's task stopped")
+
+
+def _framework_tasks_running(cluster: ProcessCluster) -> list[dict]:
+    return [task for task in cluster.get("/v1/tasks") if task["Framework"] and task["State"] == "RUNNING"]
+
+
+def test_frameworks_match_endpoint(cluster, framework):
     result = cluster.cli("frameworks", "--json")
     assert result.returncode == 0, result.stderr
-    frameworks = json.loads(result.stdout)
+    frameworks = {entry["ID"]: entry for entry in json.loads(result.stdout)}
+    entry = frameworks[framework.driver.framework_id]
+    assert entry["Name"] == "cli-sleeper"
+    assert entry["Role"] == "batch"
+    assert entry["Tasks"] == 1
+    # 0.5 of the agent's 2 cpus.
+    assert entry["DominantShare"] == pytest.approx(0.25)
     table = cluster.cli("frameworks")
     assert table.returncode == 0, table.stderr
-    for framework in frameworks:
-        assert framework["ID"] in table.stdout
+    [row] = [row for row in _table(table.stdout) if row[0] == framework.driver.framework_id]
+    assert row[1:3] == ["cli-sleeper", "batch"]
+    assert "25.0%" in row
 
 
-def test_roles_match_endpoint(cluster):
+def test_roles_match_endpoint(cluster, framework):
     result = cluster.cli("roles", "--json")
     assert result.returncode == 0, result.stderr
-    roles = json.loads(result.stdout)
+    roles = {entry["Role"]: entry for entry in json.loads(result.stdout)}
+    assert roles["batch"]["Frameworks"] == [framework.driver.framework_id]
+    assert roles["batch"]["DominantShare"] == pytest.approx(0.25)
     table = cluster.cli("roles")
     assert table.returncode == 0, table.stderr
-    for role in roles:
-        assert role["Role"] in table.stdout
+    [row] = [row for row in _table(table.stdout) if row[0] == "batch"]
+    assert row[1:3] == ["1", "1"]
+    assert row[-1] == "25.0%"
 
 
 # Fixed responses from a small HTTP server

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from corral.master.agents import AgentMonitor
+from corral.master.allocator import Quota
 from corral.master.master import JOBS_FRAMEWORK_ID, CallError, Master, MasterConfig, Subscription, store_task_id
 from corral.master.protocol import ProtocolError
 from corral.metrics import Metrics
@@ -169,16 +170,29 @@ async def test_subscribe_rejects_missing_name(master):
         await master.subscribe({"user": "x"})
 
 
-async def test_subscribe_rejects_two_roles(master):
-    with pytest.raises(ProtocolError, match="exactly one role"):
-        await master.subscribe({"name": "x", "roles": ["a", "b"]})
+async def test_subscribe_two_roles_error_event(master):
+    # Mesos refuses a FrameworkInfo it cannot take with an ERROR event that ends the stream.
+    subscription = await master.subscribe({"name": "x", "roles": ["a", "b"], "capabilities": [{"type": "MULTI_ROLE"}]})
+    event = await subscription.next(1)
+    assert event["type"] == "ERROR"
+    assert "one role" in event["error"]["message"]
+    assert await subscription.next(1) is None
+    assert master.frameworks == {}
+
+
+async def test_subscribe_one_of_roles(master):
+    subscription = await master.subscribe({"name": "x", "roles": ["batch"], "capabilities": [{"type": "MULTI_ROLE"}]})
+    event = await subscription.next(1)
+    assert event["type"] == "SUBSCRIBED"
+    assert master.frameworks[subscription.framework_id].record.role == "batch"
 
 
 async def test_offer_holds_agent_resources(master, state):
     await register_agent(state)
     _, offer = await subscribe_with_offer(master)
     assert offer["agent_id"] == {"value": "n1"}
-    assert offer["hostname"] == "127.0.0.1"
+    # Mesos sends the agent's hostname, and corral's node name stands for it.
+    assert offer["hostname"] == "n1"
     assert scalar(offer, "cpus") == 2.0
     assert scalar(offer, "mem") == 1024
     ports = next(item for item in offer["resources"] if item["name"] == "ports")
@@ -522,7 +536,8 @@ async def test_calls_need_stream_id(master):
 async def test_calls_unknown_framework(master):
     with pytest.raises(CallError) as unknown:
         master.framework_for_call("nope", "x")
-    assert unknown.value.status == 404
+    assert unknown.value.status == 400
+    assert unknown.value.message == "Framework cannot be found"
 
 
 async def test_calls_disconnected_framework(master):
@@ -681,3 +696,129 @@ async def test_metrics_render_allocator(master, state):
     assert "corral_allocator_launches_per_second" in text
     consul = metrics.to_consul_json()
     assert any(counter["Name"] == "corral.allocator.offers_made" for counter in consul["Counters"])
+
+
+# Mesos parity: executor ids, TASK_KILLING, ended tasks on a failed agent
+
+
+async def test_update_names_command_executor(master, state):
+    await register_agent(state)
+    subscription, store_id = await launch(master, state)
+    await set_task_state(state, store_id, TaskState.RUNNING)
+    status = (await next_event(subscription, "UPDATE"))["update"]["status"]
+    # Mesos's command executor has the ExecutorID of its task.
+    assert status["executor_id"] == {"value": "t1"}
+
+
+async def test_killing_skipped_without_capability(master, state):
+    await register_agent(state)
+    subscription, store_id = await launch(master, state)
+    await set_task_state(state, store_id, TaskState.RUNNING)
+    await next_event(subscription, "UPDATE")
+    await set_task_state(state, store_id, TaskState.KILLING)
+    await no_event(subscription, "UPDATE")
+    master.reconcile(subscription.framework_id, {"tasks": [{"task_id": {"value": "t1"}}]})
+    status = (await next_event(subscription, "UPDATE"))["update"]["status"]
+    assert status["state"] == "TASK_RUNNING"
+    await set_task_state(state, store_id, TaskState.KILLED)
+    status = (await next_event(subscription, "UPDATE"))["update"]["status"]
+    assert status["state"] == "TASK_KILLED"
+
+
+async def test_killing_sent_with_capability(master, state):
+    await register_agent(state)
+    subscription, store_id = await launch(master, state, capabilities=[{"type": "TASK_KILLING_STATE"}])
+    await set_task_state(state, store_id, TaskState.RUNNING)
+    await next_event(subscription, "UPDATE")
+    await set_task_state(state, store_id, TaskState.KILLING)
+    status = (await next_event(subscription, "UPDATE"))["update"]["status"]
+    assert status["state"] == "TASK_KILLING"
+    master.reconcile(subscription.framework_id, {"tasks": [{"task_id": {"value": "t1"}}]})
+    status = (await next_event(subscription, "UPDATE"))["update"]["status"]
+    assert status["state"] == "TASK_KILLING"
+
+
+async def test_agent_failure_keeps_failed(state, clock):
+    monitor = AgentMonitor(state, timeout=5)
+    instance = Master(state, _config(), monitor=monitor, clock=clock)
+    await instance.start()
+    try:
+        await register_agent(state)
+        monitor.registered("n1")
+        subscription, store_id = await launch(instance, state)
+        await set_task_state(state, store_id, TaskState.FAILED, "exited with code 3")
+        await next_event(subscription, "UPDATE")
+        await monitor.fail("n1", 6.0)
+        assert state.task(store_id).state is TaskState.FAILED
+        assert state.task(store_id).message == "exited with code 3"
+        await no_event(subscription, "UPDATE")
+    finally:
+        await instance.stop()
+
+
+# Static reservations and quotas
+
+
+async def register_reserving_agent(state: State, node: str = "n1") -> None:
+    reserved = {"analytics": {"cpus": 1.0, "memory": 256, "disk": 0, "port_ranges": [[32000, 32001]]}}
+    await state.register_agent(AgentInfo(node, "127.0.0.1", cpus=2.0, memory=1024, disk=5000,
+                                         port_ranges=[[31000, 31009]], reserved=reserved))
+    await state.register_node(Node(node, "127.0.0.1", "dc1"))
+
+
+def reserved_items(offer: dict) -> list[dict]:
+    return [item for item in offer["resources"] if "reservations" in item]
+
+
+async def test_reservation_offered_to_role(master, state):
+    await register_reserving_agent(state)
+    _, offer = await subscribe_with_offer(master, role="analytics")
+    reserved = {item["name"]: item for item in reserved_items(offer)}
+    assert reserved["cpus"]["scalar"]["value"] == 1.0
+    assert reserved["mem"]["scalar"]["value"] == 256
+    assert reserved["ports"]["ranges"]["range"] == [{"begin": 32000, "end": 32001}]
+    assert reserved["cpus"]["reservations"] == [{"type": "STATIC", "role": "analytics"}]
+    assert sum(item["scalar"]["value"] for item in offer["resources"] if item["name"] == "cpus") == 3.0
+
+
+async def test_reservation_hidden_from_other_role(master, state):
+    await register_reserving_agent(state)
+    _, offer = await subscribe_with_offer(master, role="web")
+    assert reserved_items(offer) == []
+    assert scalar(offer, "cpus") == 2.0
+
+
+async def test_launch_uses_reservation_first(master, state):
+    await register_reserving_agent(state)
+    subscription, offer = await subscribe_with_offer(master, role="analytics")
+    await master.accept(subscription.framework_id, accept_call(offer, task_info("t1", offer, cpus=1.5, mem=128)))
+    free, free_reserved = master.allocator.free_resources("n1")
+    assert "analytics" not in free_reserved or free_reserved["analytics"].cpus == 0
+    assert free.cpus == 1.5
+
+
+async def test_roles_view_reserved_and_quota(state, clock):
+    quota = Quota(cpus=2.0, mem=1024)
+    instance = Master(state, _config(role_quotas={"analytics": quota}), clock=clock)
+    await instance.start()
+    try:
+        await register_reserving_agent(state)
+        await wait_for(lambda: "n1" in instance._agents)
+        roles = {role["Role"]: role for role in instance.roles_view()}
+        assert roles["analytics"]["Reserved"] == {"cpus": 1.0, "mem": 256.0, "disk": 0.0, "ports": 2}
+        assert roles["analytics"]["Quota"] == {"cpus": 2.0, "mem": 1024.0}
+        assert roles["analytics"]["Frameworks"] == []
+    finally:
+        await instance.stop()
+
+
+async def test_quota_limits_offer(state, clock):
+    instance = Master(state, _config(role_quotas={"web": Quota(cpus=0.5)}), clock=clock)
+    await instance.start()
+    try:
+        await register_agent(state)
+        _, offer = await subscribe_with_offer(instance)
+        assert scalar(offer, "cpus") == 0.5
+        assert scalar(offer, "mem") == 1024
+    finally:
+        await instance.stop()

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,13 +20,13 @@ from pathlib import Path
 import dns.message
 import dns.query
 import dns.rdatatype
-import psutil
 import pytest
+from cluster import ProcessCluster, get_json
 from devcluster import EXAMPLES, free_port, task_processes, wait_until
 
 from corral.agent.http_connection import AGENT_TASK_FIELDS, HttpConnection
 from corral.agent.registry import SERF_HEALTH_ID, serf_health_check
-from corral.agent_process import ResourceSpec, parse_attributes, parse_resources
+from corral.agent.resources import AgentResources, Reservation, ResourceSpec, parse_attributes, parse_resources
 from corral.api.agents import _AGENT_TASK_FIELDS
 from corral.server import Server, ServerConfig
 from corral.state.records import AgentInfo, Node, Task
@@ -53,12 +49,39 @@ def test_resources_parse(text, expected):
     assert parse_resources(text) == expected
 
 
+def test_resources_parse_reservations():
+    spec = parse_resources("cpus:4;cpus(analytics):2;mem(analytics):1024;mem:8192;ports:[31000-31999];"
+                           "ports(analytics):[32000-32009];disk(*):100")
+    assert spec.reserved == {"analytics": Reservation(cpus=2.0, memory=1024, ports=((32000, 32009),))}
+    assert spec.ports == ((31000, 31999),)
+    assert spec.memory == 8192
+    assert spec.disk == 100
+
+
+def test_resources_unreserved_star_twice():
+    with pytest.raises(ValueError, match="cpus is given twice"):
+        parse_resources("cpus:4;cpus(*):1")
+
+
+def test_reserved_kind_not_detected():
+    # As in Mesos, a kind named only with a role is not detected: its unreserved amount is 0.
+    spec = parse_resources("cpus(analytics):2")
+    detected = AgentResources(cpus=8.0, memory=4096, disk=1000, ports=((20000, 20099),))
+    applied = spec.apply(detected)
+    assert applied.cpus == 0.0
+    assert applied.memory == 4096
+    assert applied.reserved == {"analytics": Reservation(cpus=2.0)}
+
+
 @pytest.mark.parametrize(
     ("text", "named"),
     [
         ("cpus:four", "'cpus:four'"),
         ("cpus:4;gpus:1", "'gpus:1'"),
-        ("cpus(web):4", "'cpus(web):4'"),
+        ("cpus(a/b):4", "'cpus(a/b):4'"),
+        ("cpus(web):4;cpus(web):1", "cpus for role 'web' is given twice"),
+        ("ports(web):[1-2]", "no unreserved ports"),
+        ("ports:[21000-21010];ports(web):[21005-21020]", "overlap"),
         ("cpus:4;cpus:2", "'cpus:2'"),
         ("mem:-1", "'mem:-1'"),
         ("ports:31000-32000", "'ports:31000-32000'"),
@@ -243,63 +266,20 @@ async def test_request_retries_until_server(tmp_path, caplog):
 # Separate processes: one `corral server` and three `corral agent`
 
 
-def _get(address: str, path: str):
-    with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as answer:
-        return json.load(answer)
-
-
 def _put(address: str, path: str, body: bytes) -> None:
     request = urllib.request.Request(f"http://{address}{path}", data=body, method="PUT")
     with urllib.request.urlopen(request, timeout=10):
         pass
 
 
-class Cluster:
-    """`corral server` and its agents as subprocesses, each with its own log in `folder`."""
+class Cluster(ProcessCluster):
+    """The cluster of these tests, with lookups of the hello-web service and the agents' health."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
-        self.http = f"127.0.0.1:{free_port()}"
-        self.dns_port = free_port()
-        self.processes: dict[str, subprocess.Popen] = {}
-        self.agent_http: dict[str, str] = {}
+        super().__init__(folder, ["--agent-timeout", f"{AGENT_TIMEOUT:g}s"])
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        with open(self.folder / f"{name}.log", "ab") as log:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "corral", *args], stdout=log, stderr=subprocess.STDOUT
-            )
-
-    def start_server(self) -> None:
-        self._spawn("server", [
-            "server", "--data-dir", str(self.folder / "server"), "--http-addr", self.http,
-            "--dns-addr", f"127.0.0.1:{self.dns_port}", "--agent-timeout", f"{AGENT_TIMEOUT:g}s",
-        ])
-        wait_until(lambda: self._answers(self.http, "server"), 30, "the HTTP API of corral server")
-
-    def start_agent(self, node: str, memory: int, ports: str) -> None:
-        address = self.agent_http.setdefault(node, f"127.0.0.1:{free_port()}")
-        self._spawn(node, [
-            "agent", "--join", self.http, "--node", node, "--data-dir", str(self.folder / node),
-            "--http-addr", address, "--resources", f"cpus:1;mem:{memory};ports:[{ports}]",
-            "--attributes", f"rack:{node}",
-        ])
-        wait_until(lambda: self._answers(address, node), 30, f"the HTTP address of agent {node}")
-
-    def _answers(self, address: str, name: str) -> bool:
-        if self.processes[name].poll() is not None:
-            raise AssertionError(f"{name} exited with {self.processes[name].returncode}:\n{self.log(name)}")
-        try:
-            _get(address, "/v1/agent/members" if name != "server" else "/v1/status/leader")
-        except OSError:
-            return False
-        return True
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text(errors="replace")
-
-    def get(self, path: str):
-        return _get(self.http, path)
+    def start_sized_agent(self, node: str, memory: int, ports: str) -> None:
+        self.start_agent(node, f"cpus:1;mem:{memory};ports:[{ports}]", attributes=f"rack:{node}")
 
     def passing_nodes(self) -> list[str]:
         return sorted(entry["Node"]["Node"] for entry in self.get("/v1/health/service/hello-web?passing"))
@@ -313,36 +293,6 @@ class Cluster:
         checks = self.get(f"/v1/health/node/{node}")
         return next(check["Status"] for check in checks if check["CheckID"] == SERF_HEALTH_ID)
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=60,
-            env={**os.environ, "CORRAL_HTTP_ADDR": self.http},
-        )
-
-    def stop(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        # Agents leave their tasks running when they stop, so the tasks are killed here,
-        # and waited for, because a killed process lingers until the kernel reaps it.
-        killed = []
-        for process in task_processes(self.folder):
-            try:
-                for child in process.children(recursive=True):
-                    child.kill()
-                    killed.append(child)
-                process.kill()
-                killed.append(process)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(killed, timeout=10)
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -352,9 +302,9 @@ def cluster(tmp_path_factory):
         processes.start_server()
         # Two agents fit one instance (64 MB) each and the third fits two, so that bin
         # packing places one instance per agent and has room for one replacement.
-        processes.start_agent("a1", 100, "21000-21099")
-        processes.start_agent("a2", 100, "22000-22099")
-        processes.start_agent("a3", 160, "23000-23099")
+        processes.start_sized_agent("a1", 100, "21000-21099")
+        processes.start_sized_agent("a2", 100, "22000-22099")
+        processes.start_sized_agent("a3", 160, "23000-23099")
         yield processes
     finally:
         processes.stop()
@@ -380,14 +330,14 @@ def test_job_spreads_across_agents(cluster):
 
 
 def test_agent_serves_own_services(cluster):
-    services = _get(cluster.agent_http["a2"], "/v1/agent/services")
+    services = get_json(cluster.agent_http["a2"], "/v1/agent/services")
     catalog = cluster.get("/v1/catalog/node-services/a2")["Services"]
     assert sorted(services) == sorted(service["ID"] for service in catalog)
     assert len(services) == 1
 
 
 def test_agent_forwards_kv(cluster):
-    entries = _get(cluster.agent_http["a1"], "/v1/kv/config/hello-web/greeting")
+    entries = get_json(cluster.agent_http["a1"], "/v1/kv/config/hello-web/greeting")
     assert entries[0]["Key"] == "config/hello-web/greeting"
 
 
@@ -419,7 +369,7 @@ def test_killed_agent_listed_failed(cluster):
 
 def test_restarted_agent_kills_lost(cluster):
     assert task_processes(cluster.folder / "a1")
-    cluster.start_agent("a1", 100, "21000-21099")
+    cluster.start_sized_agent("a1", 100, "21000-21099")
     wait_until(lambda: cluster.serf_status("a1") == "passing", 10, "a1's serfHealth passing again")
     wait_until(lambda: not task_processes(cluster.folder / "a1"), 15, "a1's lost task process killed")
     assert cluster.passing_nodes() == ["a2", "a3", "a3"]

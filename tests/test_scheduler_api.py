@@ -234,7 +234,8 @@ async def test_call_errors(cluster, framework):
     assert status == 400
     assert "didn't match" in text
     status, text = await framework.call({"type": "REVIVE", "framework_id": {"value": "no-such-framework"}})
-    assert status == 404
+    assert status == 400
+    assert text == "Framework cannot be found"
     status, text = await framework.call({"type": "REVIVE", "framework_id": {"value": framework.framework_id}},
                                         headers={"Content-Type": "application/x-protobuf"})
     assert status == 415

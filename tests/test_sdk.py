@@ -13,16 +13,14 @@ import asyncio
 import base64
 import json
 import math
-import signal
 import subprocess
 import sys
 import threading
-import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 from aiohttp import web
+from cluster import ProcessCluster
 from devcluster import EXAMPLES, free_port, task_processes, wait_until
 
 from corral.sdk import (
@@ -746,79 +744,13 @@ def test_run_forever_stops_from_thread():
 # Frameworks against `corral server` and `corral agent` subprocesses
 
 
-class SdkCluster:
-    """`corral server` and one `corral agent` as subprocesses, with their logs in `folder`."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.http = f"127.0.0.1:{free_port()}"
-        self.agent_http = f"127.0.0.1:{free_port()}"
-        self.processes: dict[str, subprocess.Popen] = {}
-
-    def _spawn(self, name: str, args: list[str]) -> None:
-        with open(self.folder / f"{name}.log", "ab") as log_file:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "corral", *args], stdout=log_file, stderr=subprocess.STDOUT
-            )
-
-    def start(self) -> None:
-        self._spawn("server", [
-            "server", "--data-dir", str(self.folder / "server"), "--http-addr", self.http,
-            "--dns-addr", f"127.0.0.1:{free_port()}",
-        ])
-        wait_until(lambda: self._answers("server", self.http, "/v1/status/leader"), 30, "corral server")
-        self._spawn("agent", [
-            "agent", "--join", self.http, "--node", "sdk-a1", "--data-dir", str(self.folder / "agent"),
-            "--http-addr", self.agent_http, "--resources", "cpus:2;mem:1024;ports:[24000-24099]",
-        ])
-        wait_until(lambda: self._answers("agent", self.agent_http, "/v1/agent/members"), 30, "corral agent")
-        wait_until(lambda: self.get("/v1/agents"), 30, "the agent's registration")
-
-    def _answers(self, name: str, address: str, path: str) -> bool:
-        process = self.processes[name]
-        if process.poll() is not None:
-            raise AssertionError(f"{name} exited with {process.returncode}:\n{self.log(name)}")
-        try:
-            urllib.request.urlopen(f"http://{address}{path}", timeout=5).close()
-        except OSError:
-            return False
-        return True
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://{self.http}{path}", timeout=10) as answer:
-            return json.load(answer)
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        # An agent that stops leaves its tasks running, so they are killed here.
-        leftover = task_processes(self.folder)
-        for process in leftover:
-            try:
-                for child in process.children(recursive=True):
-                    child.kill()
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(leftover, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdk")
-    processes = SdkCluster(folder)
+    processes = ProcessCluster(folder)
     try:
-        processes.start()
+        processes.start_server()
+        processes.start_agent("sdk-a1", "cpus:2;mem:1024;ports:[24000-24099]")
         yield processes
     finally:
         processes.stop()
@@ -912,7 +844,7 @@ class Launcher(Recorder):
                                  f"{self.states.get(task_id)}") from None
 
 
-def _tasks_running(cluster: SdkCluster, command: str) -> list[psutil.Process]:
+def _tasks_running(cluster: ProcessCluster, command: str) -> list[psutil.Process]:
     """Return the live task processes of the cluster whose command line contains `command`."""
     found = []
     for process in task_processes(cluster.folder):
@@ -1082,7 +1014,7 @@ def test_example_batch_finishes(cluster):
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.stdout.count("TASK_FINISHED") == 6
     assert "all 6 tasks ended: 6 finished, 0 did not" in result.stdout
-    outputs = list(cluster.folder.glob("agent/**/batch-00*/stdout"))
+    outputs = list(cluster.folder.glob("sdk-a1/**/batch-00*/stdout"))
     assert outputs, "no task sandbox found under the agent's data folder"
 
 
@@ -1105,19 +1037,13 @@ def test_example_unreachable_master_times_out(tmp_path):
 async def test_real_agent_lost(cluster):
     # A second agent with a short name, killed with SIGKILL; the server declares it
     # failed after its agent timeout (10 s by default) and sends FAILURE to the framework.
-    address = f"127.0.0.1:{free_port()}"
-    cluster._spawn("agent2", [
-        "agent", "--join", cluster.http, "--node", "sdk-a2", "--data-dir", str(cluster.folder / "agent2"),
-        "--http-addr", address, "--resources", "cpus:1;mem:256;ports:[24100-24199]",
-    ])
-    wait_until(lambda: any(agent["Node"] == "sdk-a2" for agent in cluster.get("/v1/agents")), 30, "agent sdk-a2")
+    cluster.start_agent("sdk-a2", "cpus:1;mem:256;ports:[24100-24199]")
     scheduler = Launcher({"on-a2": "sleep 120"}, agent="sdk-a2")
     driver = _real_driver(f"http://{cluster.http}", scheduler, "sdk-agent-lost")
     running = await _start(driver)
     try:
         await scheduler.wait_state("on-a2", TaskState.TASK_RUNNING)
-        cluster.processes["agent2"].kill()
-        cluster.processes["agent2"].wait()
+        cluster.kill("sdk-a2")
         assert await scheduler.wait_for("agent_lost", timeout=30) == ["sdk-a2"]
         await scheduler.wait_state("on-a2", TaskState.TASK_UNREACHABLE, timeout=10)
     finally:

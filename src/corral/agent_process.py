@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +27,9 @@ from aiohttp import web
 from corral.agent.agent import Agent
 from corral.agent.http_connection import HttpConnection
 from corral.agent.registry import RegistryConfig
-from corral.agent.resources import DEFAULT_PORT_RANGE, AgentResources, PortRange, validate_port_range
+from corral.agent.resources import DEFAULT_PORT_RANGE, PortRange, ResourceSpec
 from corral.api import agent as agent_api
+from corral.api import executor as executor_api
 from corral.dev import HTTP_SHUTDOWN_TIMEOUT, _address_error
 
 log = logging.getLogger(__name__)
@@ -39,119 +39,6 @@ _HOP_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",
 })
-
-_RESOURCE_NAMES = ("cpus", "mem", "disk", "ports")
-_RANGE = re.compile(r"\[(.*)\]")
-
-
-@dataclass(frozen=True)
-class ResourceSpec:
-    """Resources given with --resources; None keeps the detected value."""
-
-    cpus: float | None = None
-    memory: int | None = None  # MB
-    disk: int | None = None  # MB
-    ports: tuple[PortRange, ...] | None = None
-
-    def apply(self, detected: AgentResources) -> AgentResources:
-        return AgentResources(
-            cpus=self.cpus if self.cpus is not None else detected.cpus,
-            memory=self.memory if self.memory is not None else detected.memory,
-            disk=self.disk if self.disk is not None else detected.disk,
-            ports=self.ports if self.ports is not None else detected.ports,
-        )
-
-
-def parse_resources(text: str) -> ResourceSpec:
-    """Parse Mesos's --resources syntax, such as 'cpus:4;mem:8192;disk:10000;ports:[31000-32000]'.
-
-    Raises ValueError naming the part that is invalid. Roles (`cpus(role):4`)
-    and resources other than cpus, mem, disk and ports are not supported.
-    """
-    values: dict[str, object] = {}
-    for part in _parts(text, "--resources"):
-        name, value = _split_part(part, "--resources")
-        if "(" in name:
-            raise ValueError(f"invalid --resources part {part!r}: reservations for a role are not supported")
-        if name not in _RESOURCE_NAMES:
-            raise ValueError(
-                f"invalid --resources part {part!r}: unknown resource {name!r}; expected one of "
-                + ", ".join(_RESOURCE_NAMES)
-            )
-        if name in values:
-            raise ValueError(f"invalid --resources part {part!r}: {name} is given twice")
-        values[name] = _ports(part, value) if name == "ports" else _scalar(part, name, value)
-    return ResourceSpec(
-        cpus=values.get("cpus"),
-        memory=_whole(values["mem"]) if "mem" in values else None,
-        disk=_whole(values["disk"]) if "disk" in values else None,
-        ports=values.get("ports"),
-    )
-
-
-def parse_attributes(text: str) -> dict[str, str]:
-    """Parse Mesos's --attributes syntax, such as 'rack:r1;zone:a', into names and text values.
-
-    Raises ValueError naming the part that is invalid.
-    """
-    attributes: dict[str, str] = {}
-    for part in _parts(text, "--attributes"):
-        name, value = _split_part(part, "--attributes")
-        if name in attributes:
-            raise ValueError(f"invalid --attributes part {part!r}: {name} is given twice")
-        attributes[name] = value
-    return attributes
-
-
-def _parts(text: str, flag: str) -> list[str]:
-    parts = [part.strip() for part in text.split(";")]
-    if not any(parts):
-        raise ValueError(f"invalid {flag} {text!r}: expected NAME:VALUE pairs separated by ';'")
-    # A trailing ';' is harmless; an empty part between two others is a typo worth naming.
-    if parts[-1] == "":
-        parts.pop()
-    for part in parts:
-        if not part:
-            raise ValueError(f"invalid {flag} {text!r}: empty part between two ';'")
-    return parts
-
-
-def _split_part(part: str, flag: str) -> tuple[str, str]:
-    name, colon, value = part.partition(":")
-    name, value = name.strip(), value.strip()
-    if not colon or not name or not value:
-        raise ValueError(f"invalid {flag} part {part!r}: expected NAME:VALUE")
-    return name, value
-
-
-def _scalar(part: str, name: str, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"invalid --resources part {part!r}: {name} must be a number") from None
-    if not number > 0 or number == float("inf"):
-        raise ValueError(f"invalid --resources part {part!r}: {name} must be more than 0")
-    return number
-
-
-def _whole(value: object) -> int:
-    return int(value)  # MB; Mesos keeps 3 decimals, corral counts whole megabytes
-
-
-def _ports(part: str, value: str) -> tuple[PortRange, ...]:
-    match = _RANGE.fullmatch(value)
-    if match is None:
-        raise ValueError(f"invalid --resources part {part!r}: ports must be ranges in brackets, such as [31000-32000]")
-    ranges = []
-    for item in match.group(1).split(","):
-        start, dash, end = item.strip().partition("-")
-        if not dash or not start.strip().isdigit() or not end.strip().isdigit():
-            raise ValueError(f"invalid --resources part {part!r}: port range {item.strip()!r} is not START-END")
-        try:
-            ranges.append(validate_port_range((int(start), int(end))))
-        except ValueError as exc:
-            raise ValueError(f"invalid --resources part {part!r}: {exc}") from None
-    return tuple(ranges)
 
 
 @dataclass
@@ -205,6 +92,8 @@ class AgentProcess:
             await site.start()
         except OSError as exc:
             raise _address_error(exc, "HTTP", config.http_host, config.http_port, "--http-addr") from None
+        # Custom executors reach the agent at the address it listens on.
+        self.agent.executors.endpoint = f"{config.http_host}:{config.http_port}"
         await self.agent.start()
         self._heartbeats = asyncio.create_task(self._send_heartbeats(), name="agent-heartbeats")
         log.info("agent process started node=%s server=%s http=%s:%d",
@@ -260,6 +149,7 @@ class AgentProcess:
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024 * 1024)
         agent_api.add_routes(app, self.agent)
+        executor_api.add_routes(app, self.agent.executors)
         app.router.add_put("/v1/agent/leave", self._handle_leave)
         # NOTE: /v1/agent/self and /v1/agent/metrics are forwarded too, so they describe the server.
         # Registered last, so that the routes above win for their paths and methods.

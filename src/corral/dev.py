@@ -19,6 +19,7 @@ from aiohttp import web
 
 from corral.agent.agent import Agent
 from corral.agent.connection import LocalConnection
+from corral.agent.custom_executor import LocalExecutorReporter
 from corral.agent.registry import RegistryConfig
 from corral.agent.resources import DEFAULT_PORT_RANGE, AgentResources, PortRange
 from corral.api import build_app
@@ -96,6 +97,9 @@ class DevCluster:
             registry_config=config.registry,
         )
         self.agent.registry.on_check_result = self.metrics.observe_check_result
+        # Custom executors call the agent's executor API on the dev HTTP address.
+        self.agent.executors.endpoint = f"{config.http_host}:{config.http_port}"
+        self.agent.executors.reporter = LocalExecutorReporter(self.master)
         self._runner: web.AppRunner | None = None
         self._started = False
 

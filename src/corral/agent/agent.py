@@ -27,6 +27,7 @@ from pathlib import Path
 import aiohttp
 
 from corral.agent.connection import ServerConnection
+from corral.agent.custom_executor import ExecutorManager, HttpExecutorReporter
 from corral.agent.executor import ExecutorFiles
 from corral.agent.process import RecoveredTask, kill_process_group, recover_task_process
 from corral.agent.registry import LocalRegistry, RegistryConfig, serf_health_check
@@ -74,6 +75,13 @@ class Agent:
         self.registry = LocalRegistry(
             connection, Node(node, address, datacenter), registry_config, persist_path=self.data_dir / "registry.json"
         )
+        # Custom executors of framework tasks; whoever serves the agent's HTTP API sets their
+        # endpoint, and `corral dev` replaces the reporter with one that calls its master directly.
+        base_url = getattr(connection, "base_url", None)
+        self.executors = ExecutorManager(
+            connection, node, address, self.data_dir / "executors",
+            reporter=HttpExecutorReporter(base_url) if base_url else None, use_cgroups=use_cgroups,
+        )
 
     async def start(self) -> None:
         if self._loop_task is not None:
@@ -96,6 +104,7 @@ class Agent:
             disk=resources.disk,
             port_ranges=[list(r) for r in resources.ports],
             registered_at=time.time(),
+            reserved={role: reservation.to_dict() for role, reservation in resources.reserved.items()},
         )
         await self.connection.register(info, self.registry.node, [serf_health_check(self.node)])
         self._http = aiohttp.ClientSession()
@@ -138,6 +147,10 @@ class Agent:
                 except asyncio.CancelledError:
                     pass
                 setattr(self, name, None)
+        if stop_tasks:
+            await self.executors.stop()
+        else:
+            await self.executors.detach()
         if self.runners:
             if stop_tasks:
                 log.info("agent stopping tasks node=%s count=%d", self.node, len(self.runners))
@@ -172,9 +185,10 @@ class Agent:
         """
         assert self._context is not None
         tasks, _ = await self.connection.assigned_tasks(self.node)
+        await self.executors.recover(tasks)
         live = set()
         for task in tasks:
-            if task.ended:
+            if task.ended or task.executor_id:
                 continue
             live.add(task.id)
             recovered = await recover_task_process(task.id, self.sandbox_path(task.id))
@@ -237,6 +251,7 @@ class Agent:
         removed = await asyncio.to_thread(
             collect_sandboxes, self.sandboxes, keep, self.sandbox_retention, self.node
         )
+        removed += await self.executors.collect_sandboxes(self.sandbox_retention)
         if removed:
             log.info("sandboxes collected node=%s removed=%d", self.node, len(removed))
         return removed
@@ -272,7 +287,10 @@ class Agent:
         taken_ports = {
             port for task in tasks if task.holds_resources for port in task.ports.values()
         }
+        await self.executors.sync([task for task in tasks if task.executor_id])
         for task in tasks:
+            if task.executor_id:
+                continue
             runner = self.runners.get(task.id)
             if task.desired is DesiredState.STOP:
                 if runner is not None and not runner.stopping:

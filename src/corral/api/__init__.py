@@ -10,6 +10,7 @@ from corral.agent.agent import Agent
 from corral.api import agent as agent_api
 from corral.api import agents as agents_api
 from corral.api import catalog, event, jobs, kv, logs, scheduler, session, txn
+from corral.api import executor as executor_api
 from corral.api import metrics as metrics_api
 from corral.api.catalog import SERVER_INFO_KEY
 from corral.api.common import STATE_KEY, text_error
@@ -52,7 +53,8 @@ def build_app(
 ) -> web.Application:
     """Build the application serving `state`; `node` is the local agent's node name.
 
-    With `agent`, the application also serves that agent's /v1/agent endpoints.
+    With `agent`, the application also serves that agent's /v1/agent endpoints and
+    the executor API of its custom executors.
     With `agent_monitor`, it serves /v1/agents, the endpoints of agent processes.
     With `master`, it serves Mesos's scheduler API, /v1/frameworks and /v1/roles.
     Requests are counted into `metrics` (a new Metrics when None), which
@@ -80,6 +82,7 @@ def build_app(
     txn.add_routes(app)
     if agent is not None:
         agent_api.add_routes(app, agent)
+        executor_api.add_routes(app, agent.executors)
     if agent_monitor is not None:
         agents_api.add_routes(app, agent_monitor)
     if master is not None:

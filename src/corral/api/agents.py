@@ -33,7 +33,7 @@ import orjson
 from aiohttp import web
 
 from corral.api.common import block, json_error, json_response, read_json, state_of
-from corral.master.agents import AgentMonitor, AgentStatus, lose_tasks
+from corral.master.agents import AgentMonitor, AgentStatus, agent_reserved_resources, lose_tasks
 from corral.scheduler.service import agent_snapshots
 from corral.state.records import TASKS, AgentInfo, Check, Node, Service, Task
 from corral.types import CheckStatus, TaskState
@@ -89,6 +89,10 @@ async def register(request: web.Request) -> web.Response:
     agent = record_from_json(AgentInfo, _field(body, "Agent"), "Agent")
     node = record_from_json(Node, _field(body, "Node"), "Node")
     checks = _records_from_json(Check, body.get("Checks", []), "Checks")
+    try:
+        agent_reserved_resources(agent)
+    except ValueError as exc:
+        raise json_error(400, {"error": str(exc)}) from None
     if agent.node != node.name:
         raise json_error(400, {"error": f"invalid registration: Agent.node {agent.node!r} differs from "
                                         f"Node.name {node.name!r}"})
@@ -163,6 +167,8 @@ def _agent_fields(agent: AgentInfo, state) -> dict[str, Any]:
         "RegisteredAt": agent.registered_at,
         "Total": {"cpus": agent.cpus, "memory": agent.memory, "disk": agent.disk, "ports": ports,
                   "port_ranges": agent.port_ranges},
+        # Static reservations by role, on top of the unreserved Total.
+        "Reserved": agent.reserved,
     }
 
 

@@ -4,14 +4,16 @@
                               Mesos-Stream-Id header; every other call returns 202
     GET  /v1/frameworks       the frameworks with their tasks, resources and DRF shares
     GET  /v1/roles            the roles with their weights, frameworks and DRF shares
+    POST /v1/frameworks/ID/executor-messages  an agent passes an executor's MESSAGE to its framework
+    POST /v1/frameworks/ID/executor-exits     an agent reports that an executor exited (a FAILURE event)
 
 A RecordIO record is the byte length of a JSON event in decimal, a newline,
 and the event. The stream starts with SUBSCRIBED, then carries OFFERS,
 RESCIND, UPDATE, FAILURE, ERROR and a HEARTBEAT whenever nothing else was
 sent for heartbeat_interval_seconds. Calls other than SUBSCRIBE must name
 their `framework_id` and send the stream's id in the Mesos-Stream-Id header.
-Errors are plain text, as Mesos sends them: 400 for an invalid call, 403
-for a framework that is not subscribed, 404 for an unknown framework.
+Errors are plain text, as Mesos sends them: 400 for an invalid call or an
+unknown framework, and 403 for a framework that is not subscribed.
 """
 
 from __future__ import annotations
@@ -206,6 +208,14 @@ async def _teardown(master: Master, framework_id: str, body: dict[str, Any]) -> 
     await master.teardown(framework_id)
 
 
+async def _message(master: Master, framework_id: str, body: dict[str, Any]) -> None:
+    await master.message(framework_id, body)
+
+
+async def _shutdown(master: Master, framework_id: str, body: dict[str, Any]) -> None:
+    await master.shutdown(framework_id, body)
+
+
 _HANDLERS: dict[str, Callable[[Master, str, dict[str, Any]], Awaitable[None]]] = {
     "ACCEPT": _accept,
     "DECLINE": _decline,
@@ -215,10 +225,12 @@ _HANDLERS: dict[str, Callable[[Master, str, dict[str, Any]], Awaitable[None]]] =
     "SUPPRESS": _suppress,
     "REVIVE": _revive,
     "TEARDOWN": _teardown,
+    "MESSAGE": _message,
+    "SHUTDOWN": _shutdown,
 }
 
 _UNSUPPORTED = frozenset({
-    "SHUTDOWN", "MESSAGE", "REQUEST", "ACCEPT_INVERSE_OFFERS", "DECLINE_INVERSE_OFFERS",
+    "REQUEST", "ACCEPT_INVERSE_OFFERS", "DECLINE_INVERSE_OFFERS",
     "ACKNOWLEDGE_OPERATION_STATUS", "RECONCILE_OPERATIONS", "UPDATE_FRAMEWORK",
 })
 
@@ -234,8 +246,49 @@ async def list_roles(request: web.Request) -> web.Response:
     return json_response(_master(request).roles_view())
 
 
+# --- Reports of agents about custom executors -----------------------------------------------------
+
+
+async def executor_message(request: web.Request) -> web.Response:
+    """Pass an executor's message to its framework: {"AgentID", "ExecutorID", "Data" (base64)}."""
+    framework_id = request.match_info["framework_id"]
+    body = await _read_report(request, ("AgentID", "ExecutorID", "Data"))
+    try:
+        protocol.read_base64(body["Data"], "Data")
+    except ProtocolError as exc:
+        raise _error(400, str(exc)) from None
+    delivered = _master(request).executor_message(framework_id, body["AgentID"], body["ExecutorID"], body["Data"])
+    return json_response({"Delivered": delivered})
+
+
+async def executor_exited(request: web.Request) -> web.Response:
+    """Tell a framework that its executor exited: {"AgentID", "ExecutorID", "Status" (wait status or null)}."""
+    framework_id = request.match_info["framework_id"]
+    body = await _read_report(request, ("AgentID", "ExecutorID"))
+    status = body.get("Status")
+    if status is not None and (isinstance(status, bool) or not isinstance(status, int)):
+        raise _error(400, f"invalid 'Status' {status!r}: expected an integer wait status or null")
+    _master(request).executor_exited(framework_id, body["AgentID"], body["ExecutorID"], status)
+    return json_response({})
+
+
+async def _read_report(request: web.Request, names: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        raise _error(400, f"invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise _error(400, "invalid body: expected a JSON object")
+    for name in names:
+        if not isinstance(body.get(name), str) or not body[name]:
+            raise _error(400, f"invalid '{name}' {body.get(name)!r}: expected a non-empty string")
+    return body
+
+
 def add_routes(app: web.Application, master: Master) -> None:
     app[MASTER_KEY] = master
     app.router.add_post("/api/v1/scheduler", scheduler_call)
     app.router.add_get("/v1/frameworks", list_frameworks)
     app.router.add_get("/v1/roles", list_roles)
+    app.router.add_post("/v1/frameworks/{framework_id}/executor-messages", executor_message)
+    app.router.add_post("/v1/frameworks/{framework_id}/executor-exits", executor_exited)

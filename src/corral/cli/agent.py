@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 from corral.agent.registry import RegistryConfig
-from corral.agent.resources import DEFAULT_PORT_RANGE
-from corral.agent_process import AgentProcess, AgentProcessConfig, ResourceSpec, parse_attributes, parse_resources
+from corral.agent.resources import DEFAULT_PORT_RANGE, ResourceSpec, parse_attributes, parse_resources
+from corral.agent_process import AgentProcess, AgentProcessConfig
 from corral.cli.dev import _address, _parsed, _port_range, _run
 from corral.client import parse_address
 from corral.dev import ListenError, default_data_dir
@@ -38,7 +38,9 @@ log = logging.getLogger("corral.agent")
 @click.option("--resources", default=None, callback=_parsed(lambda text: parse_resources(text) if text else None),
               metavar="SPEC",
               help="Resources to offer in Mesos's syntax, such as 'cpus:4;mem:8192;disk:10000;ports:[31000-32000]' "
-                   "(mem and disk in MB); resources left out are detected.")
+                   "(mem and disk in MB); resources left out are detected. NAME(ROLE):VALUE reserves resources "
+                   "statically for a role, offered only to that role's frameworks, such as "
+                   "'cpus:4;cpus(analytics):2;mem:8192;mem(analytics):1024'.")
 @click.option("--attributes", default=None, callback=_parsed(lambda text: parse_attributes(text) if text else None),
               metavar="SPEC", help="Attributes of this agent in Mesos's syntax, such as 'rack:r1;zone:a'; "
                                    "stored as the catalog node's metadata.")

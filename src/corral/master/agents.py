@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from corral.agent.registry import SERF_HEALTH_ID
+from corral.agent.resources import role_name_problem
+from corral.master.allocator import Resources
 from corral.state import State
 from corral.state.records import AgentInfo, Task
 from corral.types import CheckStatus, DesiredState, TaskState
@@ -157,6 +159,8 @@ class AgentMonitor:
 async def lose_tasks(state: State, node: str, message: str) -> list[Task]:
     """Mark the tasks of `node` that have not ended LOST with desired state STOP; return them.
 
+    Tasks that have ended keep their state, a framework task that FAILED included.
+
     Desired STOP keeps them out of the scheduler's live tasks for good. An
     agent process that resumes (after a pause or a partition) still has their
     runners, reads desired STOP and kills them. An agent that restarts stops
@@ -164,11 +168,13 @@ async def lose_tasks(state: State, node: str, message: str) -> list[Task]:
     """
     lost = []
     for task in state.tasks(node=node):
-        if task.state.is_terminal:
+        # Task.ended, not TaskState.is_terminal: a framework task that FAILED has ended
+        # and keeps that state, while a job task that FAILED is restarted in place.
+        if task.ended:
             continue
 
         def lose(record: Task) -> None:
-            if record.state.is_terminal:
+            if record.ended:
                 return
             record.state = TaskState.LOST
             record.desired = DesiredState.STOP
@@ -180,3 +186,28 @@ async def lose_tasks(state: State, node: str, message: str) -> list[Task]:
             log.info("task state changed task=%s job=%s node=%s from=%s to=LOST: %s",
                      task.id, task.job, node, task.state.value, message)
     return lost
+
+
+def agent_reserved_resources(agent: AgentInfo) -> dict[str, Resources]:
+    """Return the static reservations of an agent record by role; raise ValueError naming a bad entry."""
+    if not isinstance(agent.reserved, dict):
+        raise ValueError(f"invalid reserved resources of agent {agent.node!r}: expected an object by role")
+    reserved = {}
+    for role, fields in agent.reserved.items():
+        problem = role_name_problem(role) if isinstance(role, str) else "is not a string"
+        if problem is not None:
+            raise ValueError(f"invalid reservation role {role!r} of agent {agent.node!r}: the role {problem}")
+        if not isinstance(fields, dict):
+            raise ValueError(f"invalid reservation for role {role!r} of agent {agent.node!r}: expected an object")
+        unknown = set(fields) - {"cpus", "memory", "disk", "port_ranges"}
+        if unknown:
+            raise ValueError(f"invalid reservation for role {role!r} of agent {agent.node!r}: unknown field "
+                             f"{sorted(unknown)[0]!r}; expected cpus, memory, disk and port_ranges")
+        try:
+            reserved[role] = Resources(
+                cpus=fields.get("cpus", 0.0), mem=fields.get("memory", 0), disk=fields.get("disk", 0),
+                ports=fields.get("port_ranges", ()),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid reservation for role {role!r} of agent {agent.node!r}: {exc}") from None
+    return reserved

@@ -37,6 +37,12 @@ moves down the DRF order instead of going back to the same low-share
 framework that keeps declining with a short filter. The marks clear when a
 framework launches on the agent, or when every eligible framework has
 declined it.
+
+NOTE: DRF decides who gets each offer, not how much of it is used. A
+framework that launches on all of every offer it gets, on few large agents,
+can end up to one agent's resources above its fair share. Frameworks that
+launch a little per offer and accept with refuse_seconds 0 converge to the
+weighted shares (tests/test_fairness.py).
 """
 
 from __future__ import annotations
@@ -1174,6 +1180,14 @@ class Allocator:
     def framework_dominant_share(self, framework_id: str) -> float:
         framework = self._framework(framework_id)
         return self._roles[framework.role].frameworks.dominant_share(framework_id)
+
+    def reservations(self) -> dict[str, Resources]:
+        """Return the static reservations of all agents added up by role, ports included."""
+        by_role: dict[str, Resources] = {}
+        for agent in self._agents.values():
+            for role, reserved in agent.reserved_total.items():
+                by_role[role] = by_role.get(role, EMPTY) + reserved
+        return by_role
 
     def role_consumed_quota(self, role: str) -> Resources:
         """Return what counts against a role's quota: its reservations plus the unreserved

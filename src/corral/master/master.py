@@ -49,9 +49,11 @@ from corral.master.allocator import (
     InvalidRequestError,
     NotFoundError,
     Offer,
+    Quota,
     Rescinded,
     Resources,
 )
+from corral.master.agents import agent_reserved_resources
 from corral.master.protocol import PARTITION_AWARE, ProtocolError, TaskInfo
 from corral.state import State
 from corral.state.records import AGENTS, FRAMEWORKS, NODES, TASKS, AgentInfo, FrameworkRecord, Task
@@ -79,7 +81,18 @@ JOBS_ROLE = "corral-jobs"
 
 _SUPPORTED_OPERATIONS = ("LAUNCH",)
 
+# The maximum number of framework messages one task record keeps for its executor; the oldest go first.
+MAX_EXECUTOR_MESSAGES = 100
+
 TASK_KILLING_STATE = "TASK_KILLING_STATE"
+
+
+class FrameworkRejected(ProtocolError):
+    """A valid FrameworkInfo that the master does not accept, such as one with several roles.
+
+    Mesos responds to such a SUBSCRIBE with 200, an ERROR event and the end
+    of the stream (Master::subscribe in src/master/master.cpp), not with 400.
+    """
 
 
 class CallError(Exception):
@@ -103,6 +116,8 @@ class MasterConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     # Weight of each role in the DRF order; roles not listed weigh 1.
     role_weights: dict[str, float] = field(default_factory=dict)
+    # Quota limits by role: offers never take a role's consumption over them.
+    role_quotas: dict[str, Quota] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("allocation_interval", "status_retry_interval", "heartbeat_interval"):
@@ -229,6 +244,8 @@ class Master:
         self._removed: set[str] = set()
         # Task id -> monotonic time its pending status update was last sent.
         self._status_sent: dict[str, float] = {}
+        # The sequence number of the latest framework message recorded for an executor.
+        self._executor_message_seq = 0
         self._changes: deque[list[Event]] = deque()
         # The event stream of corral's own job scheduler, when it places through offers.
         self._jobs_subscription: Subscription | None = None
@@ -243,6 +260,8 @@ class Master:
             return
         for role, weight in self.config.role_weights.items():
             self.allocator.update_weight(role, weight)
+        for role, quota in self.config.role_quotas.items():
+            self.allocator.update_quota(role, quota)
         self.allocator.add_framework(JOBS_FRAMEWORK_ID, JOBS_ROLE, active=False)
         now = self.clock()
         for record in self.state.frameworks():
@@ -320,9 +339,9 @@ class Master:
         self._send_rescinds(cycle.rescinded)
         by_framework: dict[str, list[dict]] = {}
         for offer in cycle.offers:
-            agent = self._agents.get(offer.agent_id)
-            hostname = agent.address if agent is not None else offer.agent_id
-            by_framework.setdefault(offer.framework_id, []).append(protocol.offer_to_json(offer, hostname))
+            # Mesos sends the agent's hostname. An agent's node name defaults to its host
+            # name, and several agents on one machine differ only by node name.
+            by_framework.setdefault(offer.framework_id, []).append(protocol.offer_to_json(offer, offer.agent_id))
         for framework_id, offers in by_framework.items():
             if framework_id == JOBS_FRAMEWORK_ID and self._jobs_subscription is not None:
                 self._jobs_subscription.send(protocol.offers_event(offers))
@@ -352,30 +371,40 @@ class Master:
     def _agent_resources(self, agent: AgentInfo) -> Resources:
         return Resources(cpus=agent.cpus, mem=agent.memory, disk=agent.disk, ports=agent.port_ranges)
 
+    def _agent_reserved(self, agent: AgentInfo) -> dict[str, Resources]:
+        try:
+            return agent_reserved_resources(agent)
+        except ValueError as exc:
+            # The register endpoint validates reservations, so only a record written otherwise gets here.
+            log.error("agent reservations ignored agent=%s: %s", agent.node, exc)
+            return {}
+
     def _attributes(self, node: str) -> dict[str, str]:
         record = self.state.node(node)
         return dict(record.meta) if record is not None else {}
 
     def _add_agent(self, agent: AgentInfo) -> None:
         attributes = self._attributes(agent.node)
-        self.allocator.add_agent(agent.node, self._agent_resources(agent), attributes=attributes)
+        self.allocator.add_agent(agent.node, self._agent_resources(agent), reserved=self._agent_reserved(agent),
+                                 attributes=attributes)
         self._known_attributes[agent.node] = attributes
         self._agents[agent.node] = agent
         self._failed_nodes.discard(agent.node)
         for task in self.state.tasks(node=agent.node):
             self._sync_allocation(task)
-        log.info("agent added to the allocator agent=%s cpus=%g mem=%d disk=%d",
-                 agent.node, agent.cpus, agent.memory, agent.disk)
+        log.info("agent added to the allocator agent=%s cpus=%g mem=%d disk=%d reserved_roles=%s",
+                 agent.node, agent.cpus, agent.memory, agent.disk, ",".join(sorted(agent.reserved)) or "-")
 
     def _update_agent(self, agent: AgentInfo) -> None:
         previous = self._agents[agent.node]
         self._agents[agent.node] = agent
         self._failed_nodes.discard(agent.node)
-        if self._agent_resources(previous) == self._agent_resources(agent):
+        if self._agent_resources(previous) == self._agent_resources(agent) and previous.reserved == agent.reserved:
             return
         try:
             rescinded = self.allocator.update_agent(
-                agent.node, self._agent_resources(agent), attributes=self._attributes(agent.node)
+                agent.node, self._agent_resources(agent), reserved=self._agent_reserved(agent),
+                attributes=self._attributes(agent.node),
             )
         except InvalidRequestError as exc:
             log.error("agent resources not updated agent=%s: %s", agent.node, exc)
@@ -447,7 +476,8 @@ class Master:
             return
         self._known_attributes[node] = attributes
         try:
-            rescinded = self.allocator.update_agent(node, self._agent_resources(agent), attributes=attributes)
+            rescinded = self.allocator.update_agent(node, self._agent_resources(agent),
+                                                    reserved=self._agent_reserved(agent), attributes=attributes)
         except InvalidRequestError as exc:
             log.error("agent attributes not updated agent=%s: %s", node, exc)
             return
@@ -500,7 +530,7 @@ class Master:
         framework_id = task.framework_id if task.framework_id in self.frameworks else JOBS_FRAMEWORK_ID
         resources = self._task_resources(task)
         try:
-            self._allocations[task.id] = self.allocator.add_allocation(framework_id, task.node, resources)
+            self._allocations[task.id] = self._add_task_allocation(framework_id, task.node, resources)
             return
         except InvalidRequestError:
             pass
@@ -508,11 +538,18 @@ class Master:
         offered = [offer.id for offer in self.allocator.outstanding_offers() if offer.agent_id == task.node]
         self._send_rescinds(self.allocator.rescind(offer_id) for offer_id in offered)
         try:
-            self._allocations[task.id] = self.allocator.add_allocation(framework_id, task.node, resources)
+            self._allocations[task.id] = self._add_task_allocation(framework_id, task.node, resources)
         except InvalidRequestError as exc:
             # NOTE: a job task's agent chooses its ports after the offer was accepted, so a
             # framework can launch on one of those ports at the same moment; both then run.
             log.warning("task resources not counted task=%s agent=%s: %s", task.id, task.node, exc)
+
+    def _add_task_allocation(self, framework_id: str, node: str, resources: Resources) -> Allocation:
+        """Count a running task's resources, taking them from its role's free reservation first, as launches do."""
+        role = self.frameworks[framework_id].record.role if framework_id in self.frameworks else JOBS_ROLE
+        _, free_reserved = self.allocator.free_resources(node)
+        reserved = resources.intersection(free_reserved.get(role, EMPTY))
+        return self.allocator.add_allocation(framework_id, node, resources - reserved, reserved)
 
     def _recover(self, allocation: Allocation) -> None:
         try:
@@ -532,7 +569,13 @@ class Master:
         ERROR event and ends. Raises ProtocolError for an invalid FrameworkInfo
         and CallError for a framework that was removed.
         """
-        info = _parse_framework_info(framework_info)
+        try:
+            info = _parse_framework_info(framework_info)
+        except FrameworkRejected as exc:
+            rejected = Subscription(_framework_info_id(framework_info))
+            rejected.close(str(exc))
+            log.warning("framework subscription rejected framework=%s: %s", rejected.framework_id or "-", exc)
+            return rejected
         framework_id = info.id or str(uuid.uuid4())
         if framework_id in self._removed:
             raise CallError(403, f"Framework {framework_id} has been removed; subscribe without an id")
@@ -687,7 +730,8 @@ class Master:
         """Return the framework a call comes from, or raise CallError with the status Mesos returns."""
         framework = self.frameworks.get(framework_id)
         if framework is None:
-            raise CallError(404, f"Framework {framework_id} not found")
+            # Mesos answers 400 with this text (src/master/http.cpp, Master::Http::scheduler).
+            raise CallError(400, "Framework cannot be found")
         if framework.subscription is None:
             raise CallError(403, "Framework is not subscribed")
         if not stream_id:
@@ -725,7 +769,7 @@ class Master:
         launches, tasks = await self._validate_launches(framework, offers, infos)
         allocations: list[Allocation] = []
         for offer in offers:
-            resources = [info.resources for info in launches[offer.id]]
+            resources = [info.held_resources for info in launches[offer.id]]
             allocations += self.allocator.accept(offer.id, resources, now, refuse_seconds=refuse_seconds)
             if resources:
                 self.counters.offers_accepted += 1
@@ -776,6 +820,8 @@ class Master:
         remaining = {offer.id: offer.total for offer in offers}
         launches: dict[str, list[TaskInfo]] = {offer.id: [] for offer in offers}
         seen: set[str] = set()
+        # ExecutorInfo JSON of the custom executors that this call starts, by executor id.
+        starting: dict[str, dict[str, Any]] = {}
         agent_id = offers[0].agent_id
         for index, raw in enumerate(infos):
             try:
@@ -787,20 +833,24 @@ class Master:
                     await self._task_error(framework, task_id, str(exc))
                 continue
             problem = self._task_problem(framework, info, agent_id, seen)
+            if not problem and info.executor is not None:
+                problem = self._executor_problem(framework, info, agent_id, starting)
             chosen = None
             if not problem:
                 # NOTE: each task must fit in one of the offers; Mesos also accepts a task whose
                 # resources come from several offers of the agent together.
-                chosen = next((oid for oid, left in remaining.items() if left.contains(info.resources)), None)
+                chosen = next((oid for oid, left in remaining.items() if left.contains(info.held_resources)), None)
                 if chosen is None:
-                    problem = (f"Task uses more resources {info.resources!r} than available in the offers "
+                    problem = (f"Task uses more resources {info.held_resources!r} than available in the offers "
                                f"({', '.join(repr(left) for left in remaining.values())})")
             if problem or chosen is None:
                 log.warning("task rejected framework=%s task=%s: %s", framework.id, info.task_id, problem)
                 await self._task_error(framework, info.task_id, problem)
                 continue
             seen.add(info.task_id)
-            remaining[chosen] = remaining[chosen] - info.resources
+            if info.starts_executor and info.executor is not None:
+                starting[info.executor.executor_id] = info.executor.raw
+            remaining[chosen] = remaining[chosen] - info.held_resources
             launches[chosen].append(info)
         tasks = [
             self._task_record(framework, info, agent_id)
@@ -837,7 +887,7 @@ class Master:
             env[f"PORT{index}"] = str(port)
         # A task that requests no memory gets the agent's total as its limit, so it is not capped.
         memory = math.ceil(info.resources.mem) if info.resources.mem > 0 else agent.memory
-        argv = protocol.argv_of(info.command)
+        argv = protocol.argv_of(info.command if info.executor is None else info.executor.command)
         kill_timeout = info.kill_grace_seconds if info.kill_grace_seconds is not None else 5.0
         spec = {
             "name": "framework-task",
@@ -852,8 +902,9 @@ class Master:
                 "env": env,
             },
         }
+        held = info.held_resources
         now = time.time()
-        return Task(
+        task = Task(
             id=store_task_id(framework.id, info.task_id),
             job="",
             instance=0,
@@ -861,8 +912,8 @@ class Master:
             spec_version=0,
             desired=DesiredState.RUN,
             state=TaskState.STAGING,
-            cpus=info.resources.cpus,
-            memory=math.ceil(info.resources.mem),
+            cpus=held.cpus,
+            memory=math.ceil(held.mem),
             port_labels=list(ports),
             spec=spec,
             ports=ports,
@@ -873,8 +924,11 @@ class Master:
             framework_task_id=info.task_id,
             command=info.command,
             env=dict(info.env),
-            disk=info.resources.disk,
+            disk=held.disk,
         )
+        if info.executor is not None:
+            self._add_executor_fields(task, framework, info, agent_id)
+        return task
 
     def decline(self, framework_id: str, call: dict[str, Any]) -> None:
         """DECLINE: return offers behind a refuse filter (refuse_seconds, default 5)."""
@@ -907,7 +961,7 @@ class Master:
                                            protocol.REASON_RECONCILIATION, "Attempted to kill an unknown task")
             return
         if task.ended:
-            framework.send(protocol.update_event(self._status_without_uuid(task)))
+            framework.send(protocol.update_event(self._status_without_uuid(task, framework)))
             return
         if task.desired is not DesiredState.STOP:
             await self.state.set_desired([task.id], DesiredState.STOP)
@@ -944,7 +998,7 @@ class Master:
             for task in self._framework_tasks(framework_id):
                 if task.ended and task.status_acknowledged:
                     continue
-                framework.send(protocol.update_event(self._status_without_uuid(task)))
+                framework.send(protocol.update_event(self._status_without_uuid(task, framework)))
                 count += 1
             log.info("implicit reconciliation framework=%s tasks=%d", framework_id, count)
             return
@@ -953,7 +1007,7 @@ class Master:
             task_id = protocol.read_id(entry.get("task_id"), f"reconcile.tasks[{index}].task_id")
             task = self.state.task(store_task_id(framework_id, task_id))
             if task is not None:
-                framework.send(protocol.update_event(self._status_without_uuid(task)))
+                framework.send(protocol.update_event(self._status_without_uuid(task, framework)))
                 continue
             state = protocol.TASK_UNKNOWN if framework.partition_aware else protocol.state_name(TaskState.LOST)
             agent_id = ""
@@ -987,6 +1041,126 @@ class Master:
         log.info("framework teardown requested framework=%s", framework_id)
         await self.remove_framework(framework_id)
 
+    # --- Custom executors ---------------------------------------------------------------------------------
+
+    def _executor_problem(
+        self, framework: _Framework, info: TaskInfo, agent_id: str, starting: dict[str, dict[str, Any]]
+    ) -> str:
+        """Check a task's ExecutorInfo against the executor's other tasks, and mark it when it starts the executor.
+
+        As in Mesos, every task of one executor on one agent names the same
+        ExecutorInfo; the task that starts the executor also uses its resources.
+        """
+        assert info.executor is not None
+        executor_id = info.executor.executor_id
+        running = self._executor_tasks(framework.id, agent_id, executor_id)
+        known = running[0].task_info.get("executor") if running else starting.get(executor_id)
+        if known is not None:
+            if known.get("command") != info.executor.raw.get("command"):
+                return (f"ExecutorInfo of executor {executor_id} differs from the one its running tasks "
+                        f"on agent {agent_id} were launched with")
+            return ""
+        # NOTE: the executor's resources stay with the task that started it, so they are released
+        # when that task ends even though the executor may still run its other tasks.
+        info.starts_executor = True
+        return ""
+
+    def _executor_tasks(self, framework_id: str, agent_id: str, executor_id: str) -> list[Task]:
+        """Return the tasks of one custom executor that have not ended, oldest first."""
+        tasks = [
+            task for task in self.state.tasks(node=agent_id)
+            if task.framework_id == framework_id and task.executor_id == executor_id and not task.ended
+        ]
+        return sorted(tasks, key=lambda task: (task.created_at, task.id))
+
+    def _add_executor_fields(self, task: Task, framework: _Framework, info: TaskInfo, agent_id: str) -> None:
+        """Fill in what the agent sends a custom executor: the TaskInfo for LAUNCH and the FrameworkInfo."""
+        assert info.executor is not None
+        record = framework.record
+        task.executor_id = info.executor.executor_id
+        task.command = dict(info.executor.command)
+        task.env = dict(info.executor.env)
+        task.task_info = {
+            "name": info.name,
+            "task_id": protocol.id_message(info.task_id),
+            "agent_id": protocol.id_message(agent_id),
+            "resources": protocol.resources_to_json(info.resources),
+            "executor": {**info.executor.raw, "framework_id": protocol.id_message(framework.id)},
+            "data": info.data,
+        }
+        if info.kill_grace_seconds is not None:
+            task.task_info["kill_policy"] = {"grace_period": {"nanoseconds": int(info.kill_grace_seconds * 1e9)}}
+        task.framework_info = {
+            "id": protocol.id_message(record.id),
+            "name": record.name,
+            "user": record.user,
+            "role": record.role,
+            "failover_timeout": record.failover_timeout,
+            "capabilities": [{"type": capability} for capability in record.capabilities],
+            "hostname": record.hostname,
+        }
+
+    async def message(self, framework_id: str, call: dict[str, Any]) -> None:
+        """MESSAGE: record data for an executor, which its agent delivers; dropped when it has no live task.
+
+        Delivery is at most once, as in Mesos: the agent skips messages whose
+        seq it has passed, and a task record keeps only its latest
+        MAX_EXECUTOR_MESSAGES messages, so a burst the agent has not read yet
+        loses its oldest.
+        """
+        agent_id = protocol.read_id(call.get("agent_id"), "message.agent_id")
+        executor_id = protocol.read_id(call.get("executor_id"), "message.executor_id")
+        data = protocol.read_base64(call.get("data"), "message.data")
+        tasks = self._executor_tasks(framework_id, agent_id, executor_id)
+        if not tasks:
+            log.warning("framework message dropped framework=%s executor=%s agent=%s: the executor has no live task",
+                        framework_id, executor_id, agent_id)
+            return
+        self._executor_message_seq = max(time.time_ns(), self._executor_message_seq + 1)
+        entry = {"seq": self._executor_message_seq, "data": data}
+
+        def add(record: Task) -> None:
+            record.executor_messages = [*record.executor_messages, entry][-MAX_EXECUTOR_MESSAGES:]
+
+        await self.state.update_task(tasks[0].id, add)
+        log.info("framework message recorded framework=%s executor=%s agent=%s bytes=%d",
+                 framework_id, executor_id, agent_id, len(data) * 3 // 4)
+
+    async def shutdown(self, framework_id: str, call: dict[str, Any]) -> None:
+        """SHUTDOWN: have the agent shut an executor down; its tasks that have not ended are killed."""
+        agent_id = protocol.read_id(call.get("agent_id"), "shutdown.agent_id")
+        executor_id = protocol.read_id(call.get("executor_id"), "shutdown.executor_id")
+        tasks = self._executor_tasks(framework_id, agent_id, executor_id)
+
+        def shut_down(record: Task) -> None:
+            record.executor_shutdown = True
+            record.desired = DesiredState.STOP
+
+        for task in tasks:
+            await self.state.update_task(task.id, shut_down)
+        log.info("executor shutdown requested framework=%s executor=%s agent=%s tasks=%d",
+                 framework_id, executor_id, agent_id, len(tasks))
+
+    def executor_message(self, framework_id: str, agent_id: str, executor_id: str, data: str) -> bool:
+        """Send an executor's message to its framework as a MESSAGE event; False when the framework is not connected."""
+        framework = self.frameworks.get(framework_id)
+        if framework is None or not framework.connected:
+            log.warning("executor message dropped framework=%s executor=%s agent=%s: the framework is not connected",
+                        framework_id, executor_id, agent_id)
+            return False
+        framework.send(protocol.message_event(agent_id, executor_id, data))
+        log.debug("executor message sent framework=%s executor=%s agent=%s", framework_id, executor_id, agent_id)
+        return True
+
+    def executor_exited(self, framework_id: str, agent_id: str, executor_id: str, status: int | None) -> None:
+        """Tell a framework that one of its executors exited, with a FAILURE event."""
+        framework = self.frameworks.get(framework_id)
+        if framework is None:
+            return
+        framework.send(protocol.executor_failure_event(agent_id, executor_id, status))
+        log.info("executor exit sent to framework framework=%s executor=%s agent=%s status=%s",
+                 framework_id, executor_id, agent_id, status)
+
     # --- Status updates ----------------------------------------------------------------------------------
 
     async def _send_task_update(self, framework: _Framework, task: Task) -> None:
@@ -998,6 +1172,7 @@ class Master:
         status = protocol.task_status(
             task.framework_task_id, protocol.state_name(state), agent_id=task.node,
             source=_source_of(task.state), reason=reason, message=task.message, with_uuid=True,
+            executor_id=_executor_id_of(task),
         )
 
         def record_status(record: Task) -> None:
@@ -1023,16 +1198,24 @@ class Master:
         )))
         log.info("status update sent task=%s framework=%s state=%s reason=%s", task_id, framework.id, state, reason)
 
-    def _status_without_uuid(self, task: Task) -> dict[str, Any]:
-        """Return a task's latest status for reconciliation: no uuid, so no acknowledgement."""
-        if task.status is not None and task.status.get("state") == _reported_state(task):
+    def _status_without_uuid(self, task: Task, framework: _Framework) -> dict[str, Any]:
+        """Return a task's latest status for reconciliation: no uuid, so no acknowledgement.
+
+        A KILLING task is reported RUNNING to a framework without the
+        TASK_KILLING_STATE capability, as Mesos does.
+        """
+        state = _reported_state(task)
+        if task.state is TaskState.KILLING and TASK_KILLING_STATE not in framework.record.capabilities:
+            state = protocol.state_name(TaskState.RUNNING)
+        if task.status is not None and task.status.get("state") == state:
             status = dict(task.status)
             status.pop("uuid", None)
             status["reason"] = protocol.REASON_RECONCILIATION
             return status
         return protocol.task_status(
-            task.framework_task_id, _reported_state(task), agent_id=task.node,
+            task.framework_task_id, state, agent_id=task.node,
             reason=protocol.REASON_RECONCILIATION, message=task.message,
+            executor_id=_executor_id_of(task),
         )
 
     def _resend_updates(self, now: float) -> None:
@@ -1098,18 +1281,18 @@ class Master:
             used[role] = sum((self.allocator.used_resources(fid) for fid in ids), EMPTY)
         for offer in self.allocator.outstanding_offers():
             offered[offer.role] = offered.get(offer.role, EMPTY) + offer.total
+        reserved = self.allocator.reservations()
+        quotas = self.config.role_quotas
         result = []
-        for role in sorted(set(members) | set(self.config.role_weights)):
+        for role in sorted(set(members) | set(self.config.role_weights) | set(quotas) | set(reserved)):
             result.append({
                 "Role": role,
                 "Weight": self.config.role_weights.get(role, 1.0),
                 "Frameworks": sorted(members.get(role, [])),
                 "Used": protocol.resources_summary(used.get(role, EMPTY)),
                 "Offered": protocol.resources_summary(offered.get(role, EMPTY)),
-                # NOTE: static reservations and quotas are supported by the allocator but not
-                # configurable yet, so these are always empty.
-                "Reserved": protocol.resources_summary(EMPTY),
-                "Quota": None,
+                "Reserved": protocol.resources_summary(reserved.get(role, EMPTY)),
+                "Quota": _quota_summary(quotas[role]) if role in quotas else None,
                 "DominantShare": shares.get(role, 0.0),
             })
         return result
@@ -1139,6 +1322,12 @@ class Master:
         return len(times) / window
 
 
+def _quota_summary(quota: Quota) -> dict[str, float]:
+    """Return the limited kinds of a quota, such as {"cpus": 2, "mem": 1024}."""
+    limits = {"cpus": quota.cpus, "mem": quota.mem, "disk": quota.disk}
+    return {kind: limit for kind, limit in limits.items() if limit is not None}
+
+
 def store_task_id(framework_id: str, task_id: str) -> str:
     """Return the id of a framework's task in the store: task ids are unique only within a framework."""
     return f"{task_id}@{framework_id}"
@@ -1157,7 +1346,10 @@ def _parse_framework_info(value: Any) -> FrameworkRecord:
     if roles is not None:
         roles = protocol.read_list(roles, "framework_info.roles")
         if len(roles) > 1:
-            raise ProtocolError("invalid 'framework_info.roles': corral frameworks have exactly one role")
+            raise FrameworkRejected(
+                f"FrameworkInfo.roles {roles!r} names {len(roles)} roles, but corral supports one role "
+                "per framework: subscribe with one role, or with one framework per role"
+            )
         role = roles[0] if roles else role
     role = DEFAULT_ROLE if role is None else role
     _check_role(role)
@@ -1182,6 +1374,12 @@ def _parse_framework_info(value: Any) -> FrameworkRecord:
         principal=str(info.get("principal", "")),
         webui_url=str(info.get("webui_url", "")),
     )
+
+
+def _framework_info_id(framework_info: Any) -> str:
+    framework_id = framework_info.get("id") if isinstance(framework_info, dict) else None
+    value = framework_id.get("value") if isinstance(framework_id, dict) else None
+    return value if isinstance(value, str) else ""
 
 
 def _check_role(role: Any) -> None:
@@ -1234,6 +1432,11 @@ def _reported_state(task: Task) -> str:
     return protocol.state_name(task.state)
 
 
+def _executor_id_of(task: Task) -> str:
+    """Return the ExecutorID for a task's statuses: Mesos's command executor has its task's id."""
+    return task.executor_id or task.framework_task_id
+
+
 def _source_of(state: TaskState) -> str:
     if state in (TaskState.LOST, TaskState.UNREACHABLE, TaskState.GONE):
         return protocol.SOURCE_MASTER
@@ -1243,6 +1446,9 @@ def _source_of(state: TaskState) -> str:
 def _reason_of(task: Task) -> str:
     state = task.state
     if state is TaskState.FAILED:
+        if task.executor_id:
+            # The agent's own messages about a custom executor's tasks start with "executor ".
+            return protocol.REASON_EXECUTOR_TERMINATED if task.message.startswith("executor ") else ""
         if "memory" in task.message.lower():
             return protocol.REASON_MEMORY_LIMIT
         return protocol.REASON_COMMAND_EXECUTOR_FAILED

@@ -44,6 +44,7 @@ REASON_AGENT_UNREACHABLE = "REASON_AGENT_UNREACHABLE"
 REASON_COMMAND_EXECUTOR_FAILED = "REASON_COMMAND_EXECUTOR_FAILED"
 REASON_FRAMEWORK_REMOVED = "REASON_FRAMEWORK_REMOVED"
 REASON_MEMORY_LIMIT = "REASON_CONTAINER_LIMITATION_MEMORY"
+REASON_EXECUTOR_TERMINATED = "REASON_EXECUTOR_TERMINATED"
 
 # Task ids become part of store keys and sandbox folder names.
 _TASK_ID = re.compile(r"[A-Za-z0-9_.:@+-]{1,200}")
@@ -187,8 +188,26 @@ def offer_to_json(offer: Offer, hostname: str) -> dict[str, Any]:
 
 
 @dataclass(slots=True)
+class ExecutorSpec:
+    """A custom executor, read from a TaskInfo's ExecutorInfo."""
+
+    executor_id: str
+    name: str
+    command: dict[str, Any]
+    env: dict[str, str]
+    resources: Resources
+    # The ExecutorInfo as the framework sent it, for the executor's SUBSCRIBED event.
+    raw: dict[str, Any]
+
+
+@dataclass(slots=True)
 class TaskInfo:
-    """A task to launch, read from a LAUNCH operation's TaskInfo."""
+    """A task to launch, read from a LAUNCH operation's TaskInfo.
+
+    A task has either a `command`, run by corral's own per-task executor, or
+    an `executor` (with `command` empty) that receives the task in a LAUNCH
+    event together with `data`, the base64 text of TaskInfo.data.
+    """
 
     task_id: str
     name: str
@@ -197,13 +216,24 @@ class TaskInfo:
     command: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
     kill_grace_seconds: float | None = None
+    executor: ExecutorSpec | None = None
+    data: str = ""
+    # Set by the master when this task's launch starts its executor, whose resources the task then uses too.
+    starts_executor: bool = False
+
+    @property
+    def held_resources(self) -> Resources:
+        """The resources the task holds: its own, plus its executor's when its launch starts the executor."""
+        if self.executor is not None and self.starts_executor:
+            return self.resources + self.executor.resources
+        return self.resources
 
 
 def parse_task_info(value: Any, path: str) -> TaskInfo:
     """Validate one TaskInfo; raise ProtocolError naming the first invalid field.
 
-    Only the command executor is supported: a task needs a CommandInfo and
-    may not name an executor or a container.
+    A task names exactly one of a CommandInfo (`command`) and an ExecutorInfo
+    (`executor`), as in Mesos; containers are not supported.
     """
     info = read_object(value, path)
     task_id = read_id(info.get("task_id"), f"{path}.task_id")
@@ -218,19 +248,59 @@ def parse_task_info(value: Any, path: str) -> TaskInfo:
     resources = resources_from_json(info.get("resources", []), f"{path}.resources")
     if resources.cpus <= 0 and resources.mem <= 0:
         raise ProtocolError(f"invalid '{path}.resources': a task needs cpus or mem")
-    if "executor" in info:
-        # NOTE: custom executors (ExecutorInfo) are not supported yet; tasks run under corral's own executor.
-        raise ProtocolError(f"invalid '{path}.executor': custom executors are not supported; give a command")
     if "container" in info:
         raise ProtocolError(f"invalid '{path}.container': containers are not supported; give a command")
-    command, env = _parse_command(info.get("command"), f"{path}.command")
+    executor = None
+    data = ""
+    if info.get("executor") is not None:
+        if info.get("command") is not None:
+            raise ProtocolError(f"invalid '{path}': a task needs a command or an executor, not both")
+        executor = parse_executor_info(info["executor"], f"{path}.executor")
+        command: dict[str, Any] = {}
+        env: dict[str, str] = {}
+        data = read_base64(info.get("data", ""), f"{path}.data")
+    else:
+        command, env = _parse_command(info.get("command"), f"{path}.command")
     grace = None
     policy = info.get("kill_policy")
     if policy is not None:
         period = read_object(read_object(policy, f"{path}.kill_policy").get("grace_period"),
                              f"{path}.kill_policy.grace_period")
         grace = read_number(period.get("nanoseconds"), f"{path}.kill_policy.grace_period.nanoseconds") / 1e9
-    return TaskInfo(task_id, name or task_id, agent_id, resources, command, env, grace)
+    return TaskInfo(task_id, name or task_id, agent_id, resources, command, env, grace, executor, data)
+
+
+def parse_executor_info(value: Any, path: str) -> ExecutorSpec:
+    """Validate an ExecutorInfo of a custom executor; raise ProtocolError naming the first invalid field."""
+    info = read_object(value, path)
+    executor_id = read_id(info.get("executor_id"), f"{path}.executor_id")
+    if not _TASK_ID.fullmatch(executor_id):
+        raise ProtocolError(
+            f"invalid '{path}.executor_id.value' {executor_id!r}: expected 1-200 letters, digits and _.:@+-"
+        )
+    kind = info.get("type", "CUSTOM")
+    if kind != "CUSTOM":
+        raise ProtocolError(f"invalid '{path}.type' {kind!r}: only CUSTOM executors are supported")
+    if "container" in info:
+        raise ProtocolError(f"invalid '{path}.container': containers are not supported")
+    name = info.get("name", "")
+    if not isinstance(name, str):
+        raise ProtocolError(f"invalid '{path}.name': expected a string, got {_type_name(name)}")
+    command, env = _parse_command(info.get("command"), f"{path}.command")
+    resources = resources_from_json(info.get("resources", []), f"{path}.resources")
+    if resources.ports:
+        raise ProtocolError(f"invalid '{path}.resources': ports for an executor are not supported")
+    return ExecutorSpec(executor_id, name or executor_id, command, env, resources, info)
+
+
+def read_base64(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"invalid '{path}': expected base64 text, got {_type_name(value)}")
+    try:
+        base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ProtocolError(f"invalid '{path}': {value[:40]!r} is not valid base64") from None
+    return value
 
 
 def _parse_command(value: Any, path: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -290,6 +360,7 @@ def task_status(
     message: str = "",
     with_uuid: bool = False,
     now: float | None = None,
+    executor_id: str = "",
 ) -> dict[str, Any]:
     """Build a TaskStatus; one `with_uuid` must be acknowledged by the framework."""
     status: dict[str, Any] = {
@@ -300,6 +371,8 @@ def task_status(
     }
     if agent_id:
         status["agent_id"] = id_message(agent_id)
+    if executor_id:
+        status["executor_id"] = id_message(executor_id)
     if reason:
         status["reason"] = reason
     if message:
@@ -341,6 +414,20 @@ def update_event(status: dict[str, Any]) -> dict:
 
 def failure_event(agent_id: str) -> dict:
     return {"type": "FAILURE", "failure": {"agent_id": id_message(agent_id)}}
+
+
+def executor_failure_event(agent_id: str, executor_id: str, status: int | None) -> dict:
+    """Build the FAILURE event of an executor that exited; `status` is its wait status when known."""
+    failure: dict[str, Any] = {"agent_id": id_message(agent_id), "executor_id": id_message(executor_id)}
+    if status is not None:
+        failure["status"] = status
+    return {"type": "FAILURE", "failure": failure}
+
+
+def message_event(agent_id: str, executor_id: str, data: str) -> dict:
+    """Build the MESSAGE event of an executor's message to its framework; `data` is base64."""
+    return {"type": "MESSAGE", "message": {"agent_id": id_message(agent_id),
+                                           "executor_id": id_message(executor_id), "data": data}}
 
 
 def error_event(message: str) -> dict:

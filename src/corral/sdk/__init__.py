@@ -1,4 +1,4 @@
-"""corral's Python SDK for frameworks: a scheduler, its driver, and offer and task helpers.
+"""corral's Python SDK for frameworks: a scheduler, a custom executor, their drivers, and offer and task helpers.
 
 A minimal framework::
 
@@ -22,6 +22,7 @@ A minimal framework::
     SchedulerDriver(Echo(), FrameworkInfo(name="echo"), "http://127.0.0.1:8500").run_forever()
 """
 
+from corral.sdk.executor import Executor, ExecutorDriver, executor_info, executor_task, task_data
 from corral.sdk.messages import FrameworkInfo, TaskState, TaskStatus
 from corral.sdk.recordio import RecordIODecoder, RecordIOError
 from corral.sdk.resources import InsufficientResources, Offer, id_json, id_value, ranges, scalar, task_info
@@ -30,6 +31,8 @@ from corral.sdk.scheduler import CallError, DriverStatus, NotSubscribedError, Sc
 __all__ = [
     "CallError",
     "DriverStatus",
+    "Executor",
+    "ExecutorDriver",
     "FrameworkInfo",
     "InsufficientResources",
     "NotSubscribedError",
@@ -40,9 +43,12 @@ __all__ = [
     "SchedulerDriver",
     "TaskState",
     "TaskStatus",
+    "executor_info",
+    "executor_task",
     "id_json",
     "id_value",
     "ranges",
     "scalar",
+    "task_data",
     "task_info",
 ]

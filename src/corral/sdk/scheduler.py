@@ -633,6 +633,24 @@ class SchedulerDriver:
             call["revive"] = {"roles": list(roles)}
         return self._call(call)
 
+    def message(self, agent_id: str, executor_id: str, data: bytes | str) -> asyncio.Task:
+        """Send data to a custom executor on an agent; it arrives as the executor's MESSAGE event.
+
+        Delivery is not guaranteed, as in Mesos: the master drops a message for
+        an executor that has no running task.
+        """
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        return self._call({"type": "MESSAGE", "message": {
+            "agent_id": id_json(agent_id), "executor_id": id_json(executor_id),
+            "data": base64.b64encode(raw).decode(),
+        }})
+
+    def shutdown(self, executor_id: str, agent_id: str) -> asyncio.Task:
+        """Shut a custom executor down: the agent sends it SHUTDOWN, and its tasks end TASK_KILLED."""
+        return self._call({"type": "SHUTDOWN", "shutdown": {
+            "executor_id": id_json(executor_id), "agent_id": id_json(agent_id),
+        }})
+
     def teardown(self) -> asyncio.Task:
         """Remove the framework: the master kills its tasks and closes the stream; the driver then stops."""
         task = self._call({"type": "TEARDOWN"})

@@ -278,6 +278,16 @@ class Task:
     disk: float = 0.0
     status: dict[str, Any] | None = None
     status_acknowledged: bool = True
+    # Tasks of a custom executor only: its executor id, the TaskInfo JSON (with its ExecutorInfo)
+    # that the executor receives in LAUNCH, and the FrameworkInfo JSON it receives in SUBSCRIBED.
+    executor_id: str = ""
+    task_info: dict[str, Any] = field(default_factory=dict)
+    framework_info: dict[str, Any] = field(default_factory=dict)
+    # Framework messages for the task's executor, [{"seq": int, "data": base64}], oldest first;
+    # the agent delivers those with a seq above the last it delivered.
+    executor_messages: list[dict[str, Any]] = field(default_factory=list)
+    # Set by the framework's SHUTDOWN call: the agent shuts the task's executor down.
+    executor_shutdown: bool = False
 
     @classmethod
     def decode(cls, raw: bytes) -> Task:
@@ -311,6 +321,7 @@ class Task:
             "Resources": {"cpus": self.cpus, "memory": self.memory},
             "JobVersion": self.spec_version,
             "Framework": self.framework_id,
+            "Executor": self.executor_id,
             "Name": self.name,
             "CreatedAt": self.created_at,
             "UpdatedAt": self.updated_at,
@@ -319,6 +330,12 @@ class Task:
 
 @dataclass(slots=True)
 class AgentInfo:
+    """A registered agent. cpus, memory, disk (MB) and port_ranges are its unreserved resources.
+
+    `reserved` maps a role to the resources statically reserved for it on
+    this agent, as {"cpus", "memory", "disk", "port_ranges"}.
+    """
+
     node: str
     address: str
     cpus: float
@@ -326,6 +343,7 @@ class AgentInfo:
     disk: int
     port_ranges: list[list[int]]
     registered_at: float = 0.0
+    reserved: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def decode(cls, raw: bytes) -> AgentInfo:
