@@ -387,7 +387,7 @@ def _validate_definition(definition: CheckDefinition) -> None:
 
 def _host_port(text: str) -> bool:
     host, _, port = text.rpartition(":")
-    return bool(host) and port.isdigit() and 0 < int(port) <= 65535
+    return bool(host) and port.isascii() and port.isdigit() and 0 < int(port) <= 65535
 
 
 def _bool_query(request: web.Request, name: str) -> bool:
@@ -526,9 +526,16 @@ async def list_services(request: web.Request) -> web.Response:
     )
 
 
+# Paths under /v1/agent/service/ that Consul routes to its PUT-only endpoints (besides
+# "register"), so a GET of them answers 405 rather than looking up a service of that ID.
+_PUT_ONLY_SERVICE_PREFIXES = ("deregister/", "maintenance/")
+
+
 async def get_service(request: web.Request) -> web.Response:
     registry = registry_of(request)
     service_id = request.match_info["service_id"]
+    if service_id == "register" or service_id.startswith(_PUT_ONLY_SERVICE_PREFIXES):
+        raise web.HTTPMethodNotAllowed("GET", ["PUT"])
     datacenter = request.app[AGENT_KEY].datacenter
 
     def render() -> dict[str, Any]:

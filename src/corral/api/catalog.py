@@ -32,6 +32,7 @@ from corral.api.common import (
     STATE_KEY,
     block,
     blocking_params,
+    check_consistency,
     check_datacenter,
     json_response,
     set_index_headers,
@@ -241,6 +242,7 @@ async def _block_on(
     Like Consul, the wait gets up to wait/16 of random jitter so that many
     watchers do not return in step.
     """
+    check_consistency(request)
     index, timeout = blocking_params(request)
     if index and current_index() <= index:
         await wait(index, timeout + random.uniform(0, timeout / 16))
@@ -675,12 +677,16 @@ def _parse_service(fields: dict[str, Any], node: str) -> Service:
     problem = _validate_meta(meta)
     if problem is not None:
         raise RegistrationError(f"Invalid Service Meta for node {node} and serviceID {service_id}: {problem}")
+    port = _integer(fields, "Port", "Service.")
+    # An SRV record cannot carry a port outside this range, so DNS could not return the instance.
+    if not 0 <= port <= 65535:
+        raise RegistrationError(f"Invalid Service.Port {port}: expected a port from 0 to 65535")
     return Service(
         node=node,
         id=service_id,
         name=name,
         address=address,
-        port=_integer(fields, "Port", "Service."),
+        port=port,
         tags=_string_list(fields, "Tags", "Service."),
         meta=meta,
         weights=_parse_weights(fields),
@@ -730,7 +736,8 @@ async def _read_body(request: web.Request) -> Any:
 
 
 def _check_body_datacenter(request: web.Request, fields: dict[str, Any]) -> None:
-    requested = fields.get("datacenter")
+    """Raise Consul's 500 when the body's Datacenter, or else `?dc`, names one not served here."""
+    requested = fields.get("datacenter") or request.query.get("dc")
     if isinstance(requested, str) and requested and requested != state_of(request).datacenter:
         raise text_error(500, f"No path to datacenter: {requested!r} is not served here")
 

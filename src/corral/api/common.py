@@ -83,6 +83,22 @@ async def read_json(request: web.Request) -> Any:
         raise json_error(400, {"error": f"invalid request body: malformed JSON: {exc}"}) from None
 
 
+def kv_key_problem(key: str) -> str | None:
+    """Return why `key` is not a valid KV key, or None; the rules of /v1/kv, for /v1/txn too.
+
+    A key must not start with '/', have an empty segment or a '..' segment, or hold NUL.
+    A trailing '/' is allowed, as keys like "folder/" are common in Consul.
+    """
+    if key.startswith("/"):
+        return f"Invalid key name {key!r}: a key must not start with '/'"
+    segments = key.split("/")
+    if any(segment == "" for segment in segments[:-1]) or ".." in segments:
+        return f"Invalid key name {key!r}: empty segments and '..' are not allowed"
+    if "\x00" in key:
+        return f"Invalid key name {key!r}: NUL is not allowed"
+    return None
+
+
 def check_datacenter(request: web.Request) -> None:
     """Raise Consul's 500 "No path to datacenter" when `?dc` names a datacenter not served here."""
     wanted = request.query.get("dc")
@@ -97,12 +113,18 @@ def flag_present(request: web.Request, name: str) -> bool:
     return request.query[name].lower() not in ("false", "0")
 
 
-def parse_uint(request: web.Request, name: str, message: str) -> int | None:
-    """Read an unsigned integer query parameter, or raise 400 with Consul's `message`."""
+def parse_uint(request: web.Request, name: str, message: str, empty_allowed: bool = False) -> int | None:
+    """Read an unsigned integer query parameter, or raise 400 with Consul's `message`.
+
+    Returns None when the parameter is absent. Like Consul, which parses ?cas and
+    ?flags whenever they are present, an empty value is invalid unless `empty_allowed`.
+    """
     text = request.query.get(name)
-    if text is None or text == "":
+    if text is None or (text == "" and empty_allowed):
         return None
-    if not text.isdigit():
+    # str.isdigit() also accepts digits of other scripts and superscripts, which Go's
+    # ParseUint rejects and int() either rejects or reads as other numbers.
+    if not (text.isascii() and text.isdigit()):
         raise text_error(400, message)
     value = int(text)
     if value >= 2**64:
@@ -110,9 +132,19 @@ def parse_uint(request: web.Request, name: str, message: str) -> int | None:
     return value
 
 
+def check_consistency(request: web.Request) -> None:
+    """Raise 400 for `?stale` with `?consistent`, as Consul does on the reads of its state store.
+
+    Consul's agent and event endpoints read no consistency mode, so only the
+    KV, session, catalog and health reads call this.
+    """
+    if "stale" in request.query and "consistent" in request.query:
+        raise text_error(400, "Cannot specify ?stale with ?consistent, conflicting semantics.")
+
+
 def blocking_params(request: web.Request) -> tuple[int | None, float]:
     """Read `?index` and `?wait`; return the index (None if absent) and the wait in seconds."""
-    index = parse_uint(request, "index", "Invalid index")
+    index = parse_uint(request, "index", "Invalid index", empty_allowed=True)
     wait = DEFAULT_WAIT
     text = request.query.get("wait")
     if text:
@@ -122,7 +154,9 @@ def blocking_params(request: web.Request) -> tuple[int | None, float]:
             raise text_error(400, "Invalid wait time") from None
         if wait < 0:
             raise text_error(400, "Invalid wait time")
-        wait = min(wait, MAX_WAIT)
+        # Consul reads a zero wait as the default, so a client that sends "0s" for an
+        # unset wait long-polls instead of spinning on immediate responses.
+        wait = min(wait, MAX_WAIT) if wait > 0 else DEFAULT_WAIT
     return index, wait
 
 
@@ -138,6 +172,7 @@ async def block(
     already passed, this returns at once. Like Consul, the wait gets up to
     wait/16 of random jitter so that many watchers do not return in step.
     """
+    check_consistency(request)
     index, wait = blocking_params(request)
     if not index or current_index() > index:
         return current_index()

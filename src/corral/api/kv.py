@@ -20,6 +20,7 @@ from corral.api.common import (
     check_datacenter,
     flag_present,
     json_response,
+    kv_key_problem,
     parse_uint,
     set_index_headers,
     state_of,
@@ -40,14 +41,9 @@ def _key_of(request: web.Request, required: bool) -> str:
     key = request.match_info.get("key", "")
     if required and key == "":
         raise text_error(400, "Missing key name")
-    if key.startswith("/"):
-        raise text_error(400, f"Invalid key name {key!r}: a key must not start with '/'")
-    segments = key.split("/")
-    # A trailing '/' is allowed, as keys like "folder/" are common in Consul.
-    if any(segment == "" for segment in segments[:-1]) or ".." in segments:
-        raise text_error(400, f"Invalid key name {key!r}: empty segments and '..' are not allowed")
-    if "\x00" in key:
-        raise text_error(400, f"Invalid key name {key!r}: NUL is not allowed")
+    problem = kv_key_problem(key)
+    if problem is not None:
+        raise text_error(400, problem)
     return key
 
 

@@ -93,7 +93,7 @@ def _parse_count(request: web.Request, name: str) -> int | None:
     text = request.query.get(name)
     if text is None or text == "":
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise json_error(400, {"error": f"invalid {name} {text!r}: expected a whole number of at least 0"})
     return int(text)
 

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from corral.api.catalog import SERVER_INFO_KEY
-from corral.api.common import block, json_response, state_of, text_error
+from corral.api.common import block, check_datacenter, json_response, state_of, text_error
 from corral.state.records import SESSIONS
 from corral.state.sessions import SessionError, SessionManager, parse_session_request, session_to_api
 
@@ -23,6 +23,7 @@ def _sessions(request: web.Request) -> SessionManager:
 
 
 async def create_session(request: web.Request) -> web.Response:
+    check_datacenter(request)
     raw = await request.read()
     body: object = {}
     if raw.strip():
@@ -42,11 +43,13 @@ async def create_session(request: web.Request) -> web.Response:
 
 
 async def destroy_session(request: web.Request) -> web.Response:
+    check_datacenter(request)
     await _sessions(request).destroy(request.match_info["id"])
     return json_response(True)
 
 
 async def renew_session(request: web.Request) -> web.Response:
+    check_datacenter(request)
     session_id = request.match_info["id"]
     session = await _sessions(request).renew(session_id)
     if session is None:
@@ -56,6 +59,7 @@ async def renew_session(request: web.Request) -> web.Response:
 
 
 async def session_info(request: web.Request) -> web.Response:
+    check_datacenter(request)
     state = state_of(request)
     session_id = request.match_info["id"]
     index = await block(request, lambda: state.view.index(SESSIONS), SESSIONS)
@@ -64,13 +68,19 @@ async def session_info(request: web.Request) -> web.Response:
 
 
 async def node_sessions(request: web.Request) -> web.Response:
+    check_datacenter(request)
     state = state_of(request)
     node = request.match_info["node"]
     index = await block(request, lambda: state.view.index(SESSIONS), SESSIONS)
+    # Node names match case-insensitively, as in Consul.
+    stored = state.find_node(node)
+    if stored is not None:
+        node = stored.name
     return json_response([session_to_api(state, s) for s in state.sessions(node=node)], index=index)
 
 
 async def list_sessions(request: web.Request) -> web.Response:
+    check_datacenter(request)
     state = state_of(request)
     index = await block(request, lambda: state.view.index(SESSIONS), SESSIONS)
     return json_response([session_to_api(state, s) for s in state.sessions()], index=index)

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from corral.api.common import check_datacenter, json_response, state_of, text_error
+from corral.api.common import check_datacenter, json_response, kv_key_problem, state_of, text_error
 from corral.api.kv import MAX_VALUE_SIZE, entry_to_api
 from corral.state.txn import KVOp, KVVerb, TxnOutcome, apply_kv_txn
 
@@ -135,6 +135,10 @@ def _parse_kv(i: int, fields: dict[str, Any]) -> KVOp:
     # Only delete-tree may name the empty prefix, which is every key.
     if key == "" and verb is not KVVerb.DELETE_TREE:
         raise _bad_request(f"operation {i}: missing Key for verb {_show(verb_text)}")
+    # A key that /v1/kv rejects could be written here but never read or deleted there.
+    problem = kv_key_problem(key)
+    if problem is not None:
+        raise _bad_request(f"operation {i}: {problem}")
     return KVOp(
         verb=verb,
         key=key,

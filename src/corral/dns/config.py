@@ -115,6 +115,7 @@ def parse_recursor(text: str) -> tuple[str, int]:
         ) from None
     if not port_text:
         return str(address), RECURSOR_PORT
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # isascii() too, because isdigit() also accepts superscripts, which int() rejects.
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"invalid recursor port in {text!r}: expected 1 to 65535")
     return str(address), int(port_text)

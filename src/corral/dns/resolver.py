@@ -16,6 +16,7 @@ the datacenter label, as Consul does, because the name itself holds the address.
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import time
@@ -44,6 +45,11 @@ from dnslib import (
 from corral.dns.catalog import DNSCatalog, DNSInstance, DNSNode
 from corral.dns.config import DNSConfig
 from corral.types import CheckStatus
+
+log = logging.getLogger(__name__)
+
+# The range of the port and weight fields of an SRV record (RFC 2782): 16 bits each.
+_SRV_FIELD_MAX = 65535
 
 UDP_PAYLOAD_SIZE = 512
 """Max UDP response size for a client that sends no EDNS0 OPT record (RFC 1035)."""
@@ -253,6 +259,8 @@ class Resolver:
         # Longest first, so that a domain such as "corral.example" wins over "example".
         self._domains = sorted(parsed, key=lambda domain: len(domain.labels), reverse=True)
         self._recursion_available = bool(config.recursors)
+        # Instances already logged for a port or weight that no SRV record can carry.
+        self._reported_unencodable: set[tuple[str, int, int]] = set()
 
     @property
     def domain_names(self) -> list[str]:
@@ -407,6 +415,8 @@ class Resolver:
             if identity in seen_instances:
                 continue
             seen_instances.add(identity)
+            if not self._srv_encodable(instance):
+                continue
             target, target_address = self._srv_target(instance, domain, datacenter_label)
             srv = SRV(priority=1, weight=instance.weight, port=instance.port, target=DNSLabel(target))
             additional: list[RR] = []
@@ -420,12 +430,34 @@ class Resolver:
             groups.append(([RR(qname, _SRV, _IN, ttl, srv)], additional))
         return groups
 
+    def _srv_encodable(self, instance: DNSInstance) -> bool:
+        """Tell whether the instance's port and weight fit an SRV record; log each misfit once.
+
+        The catalog API rejects such ports, but a record stored before it did, or written
+        by other means, must cost only its own SRV record, not the whole response.
+        """
+        if 0 <= instance.port <= _SRV_FIELD_MAX and 0 <= instance.weight <= _SRV_FIELD_MAX:
+            return True
+        identity = (instance.node, instance.port, instance.weight)
+        if identity not in self._reported_unencodable:
+            self._reported_unencodable.add(identity)
+            log.warning(
+                "dns srv response leaves out an instance whose port or weight is outside 0-%d "
+                "node=%s port=%d weight=%d; register it again with a valid port",
+                _SRV_FIELD_MAX, instance.node, instance.port, instance.weight,
+            )
+        return False
+
     def _srv_target(
         self, instance: DNSInstance, domain: _Domain, datacenter_label: bytes
     ) -> tuple[tuple[bytes, ...], str]:
         """Return the SRV target's labels and the address its additional record carries."""
         address = instance.address
         if not address or address == instance.node_address:
+            if instance.node_address and _ip_bytes(instance.node_address) is None:
+                # A node registered with a hostname: a lookup of its node name returns a CNAME,
+                # and RFC 2782 forbids an alias as an SRV target, so the hostname is the target.
+                return _name_labels(instance.node_address), ""
             node_labels = _name_labels(instance.node)
             return (*node_labels, _NODE, datacenter_label, *domain.labels), instance.node_address
         packed = _ip_bytes(address)

@@ -22,7 +22,8 @@ class InvalidSessionError(Exception):
     """
 
     def __init__(self, session_id: str):
-        super().__init__(f'invalid session "{session_id}"')
+        # Consul rejects an empty session with "missing session" before it looks the session up.
+        super().__init__(f'invalid session "{session_id}"' if session_id else "missing session")
         self.session_id = session_id
 
 
@@ -61,7 +62,12 @@ def acquire(
 
 
 def release(key: str, existing: KVEntry | None, value: bytes, flags: int, session_id: str) -> LockOutcome:
-    """Apply Consul's release rules: only the holding session can release, even a stale one."""
+    """Apply Consul's release rules: only the holding session can release, even a stale one.
+
+    Raises InvalidSessionError for an empty session id, as Consul fails such an unlock.
+    """
+    if not session_id:
+        raise InvalidSessionError(session_id)
     if existing is None:
         return LockOutcome(None, f"key {key!r} does not exist")
     if existing.session != session_id:

@@ -34,6 +34,8 @@ MAX_TTL = 86400.0
 _LOCK_DELAY_SECONDS_THRESHOLD = 1000
 SERF_HEALTH_ID = "serfHealth"
 _INVALIDATE_ATTEMPTS = 20
+# How many times a session create is tried again after a check of its node changed under it.
+_CREATE_ATTEMPTS = 20
 
 
 class SessionError(Exception):
@@ -132,7 +134,9 @@ def parse_session_request(body: dict, default_node: str) -> SessionRequest:
     lock_delay = DEFAULT_LOCK_DELAY
     if fields.get("lockdelay") is not None:
         lock_delay = parse_lock_delay(fields["lockdelay"])
-    given = [field for field in ("checks", "nodechecks", "servicechecks") if fields.get(field) is not None]
+    # As in Consul, naming any of these fields drops the default serfHealth check, even
+    # when its value is null: {"Checks": null} makes a session that no check ends.
+    given = [field for field in ("checks", "nodechecks", "servicechecks") if field in fields]
     checks = _string_list(fields.get("checks"), "Checks") + _string_list(fields.get("nodechecks"), "NodeChecks")
     service_checks = _service_check_ids(fields.get("servicechecks"))
     if not given:
@@ -172,63 +176,102 @@ class SessionManager:
         self.state = state
         self._pending: set[asyncio.Task] = set()
         self._started = False
+        # KV key -> the session holding its lock, and session -> the keys it holds, kept
+        # from the view's events so that ending a session reads only its own keys instead
+        # of decoding every KV entry. None until start() builds it from the view.
+        self._holder_of: dict[str, str] | None = None
+        self._held_by: dict[str, set[str]] = {}
 
     async def start(self) -> None:
         """Follow the view for ended sessions, then clean up locks left by sessions that ended while down."""
         if self._started:
             return
         self._started = True
+        # No await between the build and the listener, so no view change falls between them.
+        self._index_holders()
         self.state.view.add_listener(self._on_change)
         await self._release_orphan_locks()
 
     async def stop(self) -> None:
         self._started = False
+        self.state.view.remove_listener(self._on_change)
+        self._holder_of = None
+        self._held_by = {}
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
     # Requests
 
     async def create(self, request: SessionRequest) -> Session:
+        """Store a new session, or raise SessionError with Consul's text for what it names wrongly.
+
+        A check whose output changes while the session is written makes the commit
+        fail, so the checks are read again and the write retried: only a missing
+        node or check, or a critical check, fails the request.
+        """
         state = self.state
-        node = state.node(request.node)
-        if node is None:
-            raise SessionError(f"Missing node registration for '{request.node}'")
-        node_checks = {check.id: check for check in state.checks(request.node)}
-        for check_id in request.checks + request.service_checks:
-            check = node_checks.get(check_id)
-            if check is None:
-                raise SessionError(f"Missing check '{check_id}' registration")
-            if check.status is CheckStatus.CRITICAL:
-                raise SessionError(f"Check '{check_id}' is in critical state")
+        # Node names match case-insensitively, as in Consul. The session keeps the stored
+        # spelling, because invalidation finds a node's sessions by its exact name.
+        node = state.find_node(request.node)
         session = Session(
             id=str(uuid.uuid4()),
             name=request.name,
-            node=request.node,
+            node=node.name if node is not None else request.node,
             checks=request.checks,
             service_checks=request.service_checks,
             behavior=request.behavior,
             lock_delay=request.lock_delay,
             ttl=request.ttl,
         )
+        # Validate before a lease is granted, so that a request naming a missing node or
+        # check, or a critical check, changes nothing in the store.
+        self._create_compares(session)
         if session.ttl:
             session.lease = await state.store.grant_lease(session.ttl)
-        key = records.session_key(session.id)
-        # The node and the checks must still be there when the session is written.
-        compares = [Compare(records.node_key(node.name), CompareTarget.MOD, CompareOp.GREATER, 0)]
-        for check_id in session.checks + session.service_checks:
-            check_key = records.check_key(node.name, check_id)
-            current = state.view.get(check_key)
-            compares.append(Compare(check_key, CompareTarget.MOD, CompareOp.EQUAL, current.mod_revision if current else 0))
-        if not await state._commit(compares, [Put(key, encode(session), lease=session.lease)]):
+        try:
+            await self._write_new(session)
+        except BaseException:
             if session.lease:
                 await state.store.revoke_lease(session.lease)
-            raise SessionError(f"Node '{node.name}' or one of its checks changed while the session was created; retry")
+            raise
         log.info(
             "session created session=%s node=%s name=%r ttl=%s behavior=%s lock_delay=%s",
             session.id, session.node, session.name, format_duration(session.ttl) if session.ttl else "none",
             session.behavior.value, format_duration(session.lock_delay),
         )
         return session
+
+    async def _write_new(self, session: Session) -> None:
+        state = self.state
+        for attempt in range(1, _CREATE_ATTEMPTS + 1):
+            # The checks are validated and their revisions taken from one reading of
+            # the view, with no await between, so the compares guard what was validated.
+            compares = self._create_compares(session)
+            put = Put(records.session_key(session.id), encode(session), lease=session.lease)
+            if await state._commit(compares, [put]):
+                return
+            log.debug("session create conflict session=%s node=%s attempt=%d", session.id, session.node, attempt)
+        raise SessionError(
+            f"Node '{session.node}' or its checks changed {_CREATE_ATTEMPTS} times while the session "
+            "was created; retry"
+        )
+
+    def _create_compares(self, session: Session) -> list[Compare]:
+        """Validate the session's node and checks in the view; return the compares that keep them so."""
+        state = self.state
+        node = state.node(session.node)
+        if node is None:
+            raise SessionError(f"Missing node registration for '{session.node}'")
+        compares = [Compare(records.node_key(node.name), CompareTarget.MOD, CompareOp.GREATER, 0)]
+        for check_id in session.checks + session.service_checks:
+            check_key = records.check_key(node.name, check_id)
+            current = state.view.get(check_key)
+            if current is None:
+                raise SessionError(f"Missing check '{check_id}' registration")
+            if Check.decode(current.value).status is CheckStatus.CRITICAL:
+                raise SessionError(f"Check '{check_id}' is in critical state")
+            compares.append(Compare(check_key, CompareTarget.MOD, CompareOp.EQUAL, current.mod_revision))
+        return compares
 
     async def renew(self, session_id: str) -> Session | None:
         """Restart a session's TTL; return None when the session does not exist."""
@@ -253,6 +296,11 @@ class SessionManager:
     # Invalidation
 
     def _on_change(self, batch: list[Event]) -> None:
+        # The holder index takes the whole batch first, so that a session deleted together
+        # with the release of its locks is seen holding none.
+        for event in batch:
+            if event.kv.key.startswith(records.KV):
+                self._update_holder(event)
         if not self._started:
             return
         for event in batch:
@@ -281,8 +329,49 @@ class SessionManager:
             if check_id in session.checks or check_id in session.service_checks:
                 self._schedule(session, reason)
 
+    # The index of lock holders
+
+    def _index_holders(self) -> None:
+        self._holder_of = {}
+        self._held_by = {}
+        offset = len(records.KV)
+        for kv in self.state.view.range(records.KV):
+            key = kv.key[offset:].decode()
+            session_id = KVEntry.decode(key, kv.value, 0, 0).session
+            if session_id:
+                self._holder_of[key] = session_id
+                self._held_by.setdefault(session_id, set()).add(key)
+
+    def _update_holder(self, event: Event) -> None:
+        if self._holder_of is None:
+            return
+        key = event.kv.key[len(records.KV):].decode()
+        previous = self._holder_of.pop(key, None)
+        if previous is not None:
+            keys = self._held_by.get(previous)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._held_by[previous]
+        if event.type is EventType.PUT:
+            session_id = KVEntry.decode(key, event.kv.value, 0, 0).session
+            if session_id:
+                self._holder_of[key] = session_id
+                self._held_by.setdefault(session_id, set()).add(key)
+
+    def _held_entries(self, session_id: str) -> list[KVEntry]:
+        """Return the KV entries whose lock `session_id` holds, as the view has them now."""
+        if self._holder_of is None:
+            return [entry for entry in self.state.kv_list("") if entry.session == session_id]
+        entries = []
+        for key in sorted(self._held_by.get(session_id, ())):
+            entry = self.state.kv_get(key)
+            if entry is not None and entry.session == session_id:
+                entries.append(entry)
+        return entries
+
     def _holds_locks(self, session_id: str) -> bool:
-        return any(entry.session == session_id for entry in self.state.kv_list(""))
+        return bool(self._held_entries(session_id))
 
     def _schedule(self, session: Session, reason: str) -> None:
         task = asyncio.get_running_loop().create_task(self._invalidate(session, reason))
@@ -300,7 +389,7 @@ class SessionManager:
             if current is not None:
                 compares.append(Compare(session_key, CompareTarget.MOD, CompareOp.EQUAL, current.mod_revision))
                 ops.append(Delete(session_key))
-            held = [entry for entry in state.kv_list("") if entry.session == session.id]
+            held = self._held_entries(session.id)
             for entry in held:
                 store_key = records.kv_key(entry.key)
                 compares.append(Compare(store_key, CompareTarget.MOD, CompareOp.EQUAL, entry.modify_index))
@@ -332,9 +421,7 @@ class SessionManager:
 
     async def _release_orphan_locks(self) -> None:
         """Release locks whose session no longer exists, left by a stop between expiry and release."""
-        orphans = {
-            entry.session for entry in self.state.kv_list("") if entry.session and self.state.session(entry.session) is None
-        }
+        orphans = {session_id for session_id in self._held_by if self.state.session(session_id) is None}
         for session_id in orphans:
             # The session record is gone, so its behavior is unknown: release, the safe default.
             orphan = Session(session_id, "", "", [], SessionBehavior.RELEASE, lock_delay=0.0)

@@ -211,6 +211,9 @@ class State:
 
     async def kv_delete(self, key: str, recurse: bool = False, cas: int | None = None) -> bool:
         store_key = records.kv_key(key)
+        if cas is not None and not recurse and self.view.get(store_key) is None:
+            # Consul's delete-cas of a missing key succeeds whatever the index.
+            return True
         compares = [] if cas is None else [_mod_revision_is(store_key, cas)]
         return await self._commit(compares, [Delete(store_key, prefix=recurse)])
 

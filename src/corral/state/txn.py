@@ -146,7 +146,9 @@ async def apply_kv_txn(state: State, ops: Sequence[KVOp]) -> TxnOutcome:
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         evaluation = _Evaluation(state, read_only)
         errors = evaluation.run(ops)
-        if errors or read_only:
+        # Writing verbs that change nothing leave no store operation, and then
+        # nothing needs committing: the view did not change while they were evaluated.
+        if errors or read_only or not evaluation.store_ops:
             results = [] if errors else evaluation.results_at(None)
             return TxnOutcome(results, errors, state.index, read_only)
         result = await state.store.txn(evaluation.compares(), evaluation.store_ops)
@@ -287,14 +289,27 @@ def _written(existing: KVEntry | None, entry: KVEntry) -> KVEntry:
 
 def _set(evaluation: _Evaluation, op: KVOp) -> None:
     existing = evaluation.entry(op.key)
+    # As State.kv_put for /v1/kv: Consul's set keeps the Session and takes LockIndex from
+    # the request, which has none, so 0.
     entry = KVEntry(op.key, op.value, flags=op.flags)
     if existing is not None:
-        # NOTE: this keeps LockIndex, as State.kv_put does for /v1/kv. Consul's set keeps
-        # only the Session and takes LockIndex from the request, which has none, so 0.
-        entry.lock_index = existing.lock_index
         entry.session = existing.session
+        if _unchanged(existing, entry):
+            # Consul skips a write that changes nothing and returns the stored indexes.
+            evaluation.add_result(existing, with_value=False)
+            return
     evaluation.put(_written(existing, entry))
     evaluation.add_result(entry, with_value=False)
+
+
+def _unchanged(existing: KVEntry, entry: KVEntry) -> bool:
+    """Tell whether writing `entry` would change nothing of `existing`, as Consul's DirEntry.Equal does."""
+    return (
+        existing.value == entry.value
+        and existing.flags == entry.flags
+        and existing.lock_index == entry.lock_index
+        and existing.session == entry.session
+    )
 
 
 def _cas(evaluation: _Evaluation, op: KVOp) -> None:
