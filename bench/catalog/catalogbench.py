@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import math
 import shlex
 import shutil
 import signal
@@ -123,17 +124,18 @@ async def register_all(args: argparse.Namespace, base_url: str, server: psutil.P
     return LoadResult(done, len(errors), errors[:5], seconds, sum(server.cpu_times()[:2]) - cpu_before)
 
 
-def run_watchers(args: argparse.Namespace, server: Server, venv_bin: Path) -> dict:
-    # The first service name; node 0 holds one of its instances.
-    service = service_name(0, 0, args.services)
+def run_watchers(args: argparse.Namespace, server: Server, venv_bin: Path, round_number: int) -> dict:
+    # Each round watches another service, the one in slot 0 of node `round_number`, because
+    # the change it makes (a critical check on that instance) would not change a watched one twice.
+    service = service_name(round_number, 0, args.services)
     command = [
         str(venv_bin / "python"), str(WATCH_SCRIPT),
         "--addr", server.base_url.removeprefix("http://"),
         "--count", str(args.watchers),
         "--service", service,
-        "--service-id", f"{service}-{node_name(0)}",
-        "--node", node_name(0),
-        "--address", node_address(0),
+        "--service-id", f"{service}-{node_name(round_number)}",
+        "--node", node_name(round_number),
+        "--address", node_address(round_number),
         "--server-pid", str(server.process.pid),
     ]
     try:
@@ -155,13 +157,18 @@ def rss_mib(process: psutil.Process) -> float:
 def render(args: argparse.Namespace, figures: dict, machine: dict[str, str], started: datetime.datetime,
            wall_seconds: float, versions: dict[str, str]) -> str:
     load: LoadResult = figures["load"]
-    wake: dict = figures["wake"]
+    rounds: list[dict] = figures["wakes"]
+    # The round with the median time to the last answer; a failed round counts as the slowest.
+    ranked = sorted(rounds, key=lambda result: result.get("last_s", math.inf) if "failed" not in result else math.inf)
+    wake = ranked[len(ranked) // 2]
     instances = args.nodes * args.per_node
     command = " ".join(["bench/catalog/run", *map(shlex.quote, sys.argv[1:])])
     lines = [
         "# Catalog: registration and health watch wake-up",
         "",
-        f"Measured {started:%Y-%m-%d %H:%M} UTC with `{command}`, one run, {wall_seconds:.0f} s in all.",
+        f"Measured {started:%Y-%m-%d %H:%M} UTC with `{command}`: one load, then {len(rounds)} rounds of "
+        f"the wake-up test, {wall_seconds:.0f} s in all. The table shows the round with the median time "
+        "to the last answer.",
         "",
         f"`corral dev` with a fresh data folder on 127.0.0.1. The client registers {args.nodes:,} nodes "
         f"and {instances:,} service instances ({args.per_node} per node, {args.services:,} service names, "
@@ -195,8 +202,15 @@ def render(args: argparse.Namespace, figures: dict, machine: dict[str, str], sta
             f"| server / client CPU from the write to the last answer | {wake['server_cpu_s']:.2f} s / "
             f"{wake['client_cpu_s']:.2f} s |",
         ]
-    met = "failed" not in wake and wake["not_answered"] == 0 and wake.get("last_s", 1e9) < WAKE_TARGET_SECONDS
-    last = "no figure" if "failed" in wake else f"last answer {wake.get('last_s', 0):.3f} s"
+    met_rounds = [
+        result for result in rounds
+        if "failed" not in result and result["not_answered"] == 0 and result.get("last_s", math.inf) < WAKE_TARGET_SECONDS
+    ]
+    met = len(met_rounds) == len(rounds)
+    lasts = ", ".join(
+        "failed" if "failed" in result else f"{result.get('last_s', 0):.3f} s" for result in rounds
+    )
+    last = f"{len(met_rounds)} of {len(rounds)} rounds met it; last answer in each round: {lasts}"
     lines += [
         "",
         "How the wake-up is measured: bench/catalog/watch_health.py, a separate aiohttp process, opens "
@@ -211,8 +225,8 @@ def render(args: argparse.Namespace, figures: dict, machine: dict[str, str], sta
         "",
         "Target:",
         "",
-        f"- all {args.watchers:,} watchers answered within {WAKE_TARGET_SECONDS:.0f} s of the change: "
-        f"**{'met' if met else 'not met'}** ({last}).",
+        f"- all {args.watchers:,} watchers answered within {WAKE_TARGET_SECONDS:.0f} s of the change, "
+        f"in every round: **{'met' if met else 'not met'}** ({last}).",
         "",
         "Machine and versions:",
         "",
@@ -266,9 +280,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"catalog bench:   {load.per_second:,.0f} registrations/s, {load.errors} errors "
               f"{load.first_errors}", file=sys.stderr)
         figures["rss_after"] = rss_mib(process)
-        print(f"catalog bench: wake-up of {args.watchers:,} health watchers", file=sys.stderr)
-        figures["wake"] = run_watchers(args, server, venv_bin)
-        print(f"catalog bench:   {json.dumps(figures['wake'])}", file=sys.stderr)
+        figures["wakes"] = []
+        for round_number in range(args.rounds):
+            print(f"catalog bench: round {round_number + 1} of {args.rounds}: wake-up of {args.watchers:,} "
+                  "health watchers", file=sys.stderr)
+            result = run_watchers(args, server, venv_bin, round_number)
+            figures["wakes"].append(result)
+            print(f"catalog bench:   {json.dumps(result)}", file=sys.stderr)
         figures["rss_end"] = rss_mib(process)
         finished = True
     finally:
@@ -290,10 +308,13 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=1_000, help="distinct service names [1000]")
     parser.add_argument("--concurrency", type=int, default=64, help="registrations in flight at once [64]")
     parser.add_argument("--watchers", type=int, default=10_000, help="blocking health queries [10000]")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the wake-up test [3]")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"),
                         help="the Markdown page whose catalog section to write [docs/benchmarks.md]")
     parser.add_argument("--venv", default=str(ROOT / ".venv"), help="virtual environment with corral [.venv]")
     args = parser.parse_args()
+    if not 1 <= args.rounds <= min(args.nodes, args.services // 10):
+        parser.error("--rounds must be at least 1, and at most the nodes and a tenth of the services")
     if args.per_node > 10 or args.services % 10:
         # service_name() spreads slot s of node n over (n * 10 + s) % services.
         parser.error("--per-node must be at most 10 and --services a multiple of 10")
