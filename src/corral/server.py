@@ -1,12 +1,15 @@
-"""`corral server`: the control plane without an agent.
+"""`corral server`: the control plane, and the parts that `corral dev` adds an agent to.
 
-It contains the SQLite store, the state view, the job scheduler, the agent
-monitor (failure detection), and the HTTP and DNS listeners. Agents run as
-separate processes and reach it over the HTTP API (corral.api.agents).
+A Server contains the SQLite store, the state view, the master (offer
+cycle), the job scheduler, the agent monitor (failure detection), metrics,
+and the HTTP and DNS listeners. Agents in other processes reach it over the
+HTTP API (corral.api.agents). `corral dev` (corral.dev.DevCluster) is a
+Server with one agent in the same process.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -14,8 +17,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from corral.agent.agent import Agent
 from corral.api import build_app
-from corral.dev import STORE_FILE, start_listeners
 from corral.dns.server import DNSConfig, DNSServer
 from corral.master.agents import DEFAULT_AGENT_TIMEOUT, AgentMonitor
 from corral.master.jobs import JobScheduler
@@ -24,7 +27,14 @@ from corral.metrics import Metrics
 from corral.state import State
 from corral.store import SQLiteStore
 
-log = logging.getLogger(__name__)
+STORE_FILE = "corral.db"
+
+# Seconds that requests in progress get to finish when the server stops.
+HTTP_SHUTDOWN_TIMEOUT = 5.0
+
+
+class ListenError(Exception):
+    """A listen address cannot be bound; the message names it and the flag that changes it."""
 
 
 @dataclass
@@ -41,6 +51,7 @@ class ServerConfig:
     kv_max_value_size: int = 512 * 1024
     # Seconds without a heartbeat after which an agent is declared failed.
     agent_timeout: float = DEFAULT_AGENT_TIMEOUT
+    # TTLs, health filtering, truncation and recursors of the DNS interface.
     dns: DNSConfig = field(default_factory=DNSConfig)
     # The offer cycle: allocation interval, offer timeout, role weights, status resends.
     master: MasterConfig = field(default_factory=MasterConfig)
@@ -52,7 +63,17 @@ class Server:
     `setup` opens the store and binds the listeners, `start` starts the
     loops that write (job scheduler, agent monitor), `stop` undoes both.
     Each is safe to call twice.
+
+    `agent` is an agent in this process, which a subclass sets before
+    `setup` (`corral dev` does). The HTTP API then also serves its
+    /v1/agent endpoints. It starts after the job scheduler and stops after
+    the job scheduler has stopped, so that the scheduler does not replace
+    the tasks that the agent stops on the way out.
     """
+
+    # The logger and the name of the start and stop log lines.
+    log = logging.getLogger(__name__)
+    name = "corral server"
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -69,6 +90,7 @@ class Server:
         self.dns = DNSServer(
             self.state, config.dns_host, config.dns_port, config.dns, on_response=self.metrics.observe_dns_response
         )
+        self.agent: Agent | None = None
         self._runner: web.AppRunner | None = None
         self._set_up = False
         self._started = False
@@ -83,7 +105,7 @@ class Server:
         await self.store.open()
         await self.state.start()
         app = build_app(
-            self.state, config.node, f"{config.http_host}:{config.http_port}",
+            self.state, config.node, f"{config.http_host}:{config.http_port}", agent=self.agent,
             kv_max_value_size=config.kv_max_value_size, metrics=self.metrics, agent_monitor=self.monitor,
             master=self.master,
         )
@@ -96,24 +118,37 @@ class Server:
         self._started = True
         await self.master.start()
         self.scheduler.start()
+        if self.agent is not None:
+            # Before the monitor starts, so that the monitor has marked this agent as
+            # in-process when it gives the stored agent records their deadlines.
+            await self.agent.start()
         self.monitor.start()
+        self.log_started()
+
+    def log_started(self) -> None:
         config = self.config
-        log.info(
+        self.log.info(
             "corral server started node=%s datacenter=%s http=%s:%d dns=%s:%d agent_timeout=%gs data_dir=%s",
             config.node, config.datacenter, config.http_host, config.http_port,
             config.dns_host, config.dns_port, config.agent_timeout, config.data_dir,
         )
 
     async def stop(self) -> None:
-        """Stop every part; safe to call twice and after a failed setup. Agents and their tasks keep running."""
+        """Stop every part; safe to call twice and after a failed setup.
+
+        The in-process agent, if there is one, stops its tasks. Agents in
+        other processes and their tasks keep running.
+        """
         if not self._set_up:
             return
-        log.info("corral server stopping node=%s", self.config.node)
+        self.log.info("%s stopping node=%s", self.name, self.config.node)
         if self._started:
             self._started = False
             await self.master.stop()
             await self.monitor.stop()
             await self.scheduler.stop()
+            if self.agent is not None:
+                await self.agent.stop()
         self._set_up = False
         await self.dns.stop()
         if self._runner is not None:
@@ -121,4 +156,38 @@ class Server:
             self._runner = None
         await self.state.stop()
         await self.store.close()
-        log.info("corral server stopped node=%s", self.config.node)
+        self.log.info("%s stopped node=%s", self.name, self.config.node)
+
+
+async def start_listeners(app: web.Application, http_host: str, http_port: int, dns: DNSServer) -> web.AppRunner:
+    """Serve `app` on the HTTP address and start `dns`; raise ListenError naming a taken address."""
+    # Blocking queries wait up to 10 minutes, and aiohttp waits for running handlers
+    # when it stops (60 s by default), so they are cancelled after this many seconds.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    # A deep accept queue, so that thousands of blocking queries connecting at once are
+    # not dropped and retried a second later (aiohttp's default backlog is 128).
+    site = web.TCPSite(runner, http_host, http_port, reuse_address=True, backlog=socket.SOMAXCONN)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise _address_error(exc, "HTTP", http_host, http_port, "--http-addr") from None
+    try:
+        await dns.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise _address_error(exc, "DNS", dns.address[0], dns.address[1], "--dns-addr") from None
+    return runner
+
+
+def _address_error(exc: OSError, what: str, host: str, port: int, flag: str) -> Exception:
+    # uvloop raises its own OSError for a UDP bind, with the system's error as the cause.
+    cause = exc.__cause__ if exc.errno is None and isinstance(exc.__cause__, OSError) else exc
+    if cause.errno == errno.EADDRINUSE:
+        return ListenError(
+            f"{what} address {host}:{port} is already in use; stop what listens there "
+            f"or choose another address with {flag}"
+        )
+    reason = cause.strerror or str(cause)
+    return ListenError(f"cannot listen on {what} address {host}:{port} ({reason}); choose another with {flag}")

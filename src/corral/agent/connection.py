@@ -2,18 +2,23 @@
 
 The agent depends only on ServerConnection. `corral dev` runs the agent in
 the server's process and uses LocalConnection, which calls the state
-directly; separate agent processes will use an implementation over the
-HTTP API with the same methods.
+directly. Agent processes use HttpConnection (corral.agent.http_connection),
+which calls the same operations over the HTTP API.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from corral.state import State
 from corral.state.records import TASKS, AgentInfo, Check, KVEntry, Node, Service, Task
 from corral.types import CheckStatus
+
+if TYPE_CHECKING:
+    # corral.master.agents imports the agent registry, which imports this module.
+    from corral.master.agents import AgentMonitor
 
 
 class ServerConnection(abc.ABC):
@@ -67,14 +72,22 @@ class ServerConnection(abc.ABC):
 
 
 class LocalConnection(ServerConnection):
-    """A connection to the server in the same process."""
+    """A connection to the server in the same process.
 
-    def __init__(self, state: State):
+    With `monitor`, registration marks the agent as in-process in the
+    server's agent monitor. Such an agent sends no heartbeats and is never
+    declared failed, because it stops only when the server stops.
+    """
+
+    def __init__(self, state: State, monitor: AgentMonitor | None = None):
         self.state = state
+        self.monitor = monitor
 
     async def register(self, agent: AgentInfo, node: Node, checks: Iterable[Check]) -> None:
         await self.state.register_agent(agent)
         await self.state.register_node(node, checks)
+        if self.monitor is not None:
+            self.monitor.registered(agent.node, in_process=True)
 
     async def assigned_tasks(self, node: str) -> tuple[list[Task], int]:
         return self.state.tasks(node=node), self.state.view.index(TASKS)

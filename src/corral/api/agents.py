@@ -18,6 +18,9 @@ corral agents call these endpoints:
     DELETE /v1/agents/NODE/services/ID
     PUT    /v1/agents/NODE/checks/ID            {"Status", "Output"}
 
+The agent inside the server's process (`corral dev`) cannot be registered
+again, left or deregistered over HTTP: those requests get 409.
+
 A task update sets fields to absolute values, so sending it twice gives
 the same record. An update that would move a task that has ended back to
 a state that has not (a late RUNNING after LOST) is rejected with 409 and
@@ -81,6 +84,18 @@ def _monitor(request: web.Request) -> AgentMonitor:
     return request.app[MONITOR_KEY]
 
 
+def _reject_in_process(request: web.Request, node: str, action: str) -> None:
+    """Raise 409 when `node` is the agent inside the server's process (`corral dev`)."""
+    if node not in _monitor(request).in_process:
+        return
+    if action == "register":
+        message = (f"invalid registration: node {node} is the agent inside the server's process; "
+                   "start this agent with another --node")
+    else:
+        message = f"cannot {action} agent {node}: it runs inside the server's process and stops only with it"
+    raise json_error(409, {"error": message})
+
+
 # Registration and liveness
 
 
@@ -96,6 +111,7 @@ async def register(request: web.Request) -> web.Response:
     if agent.node != node.name:
         raise json_error(400, {"error": f"invalid registration: Agent.node {agent.node!r} differs from "
                                         f"Node.name {node.name!r}"})
+    _reject_in_process(request, agent.node, "register")
     state = state_of(request)
     await state.register_agent(agent)
     await state.register_node(node, checks)
@@ -117,6 +133,7 @@ def _heartbeat_interval(request: web.Request) -> float:
 
 async def leave(request: web.Request) -> web.Response:
     node = request.match_info["node"]
+    _reject_in_process(request, node, "remove")
     _monitor(request).forget(node)
     removed = await state_of(request).deregister_agent(node)
     return json_response({"Node": node, "Removed": removed})
@@ -124,6 +141,7 @@ async def leave(request: web.Request) -> web.Response:
 
 async def deregister(request: web.Request) -> web.Response:
     node = request.match_info["node"]
+    _reject_in_process(request, node, "deregister")
     state = state_of(request)
     _monitor(request).forget(node)
     await state.deregister_agent(node)
@@ -146,7 +164,9 @@ async def list_agents(request: web.Request) -> web.Response:
             {
                 **_agent_fields(agent, state),
                 "Status": AgentStatus.ALIVE,
+                # None for an agent in the server's process, which sends no heartbeats.
                 "LastHeartbeatAgo": round(now - seen, 3) if seen is not None else None,
+                "InProcess": agent.node in monitor.in_process,
                 "Used": {"cpus": snapshot.used_cpus, "memory": snapshot.used_memory, "ports": snapshot.used_ports},
             }
         )

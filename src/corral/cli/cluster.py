@@ -180,7 +180,6 @@ def agents(client: Client, as_json: bool) -> None:
     Memory and disk are in MB; ports count the ports of the agent's ranges.
     A failed agent is one the server stopped hearing from.
     """
-    # NOTE: `corral dev` has no agent monitor and so no /v1/agents; against it this reports the 404.
     data = fetch_list(client, "/v1/agents", "agents")
     if as_json:
         print_json(data)

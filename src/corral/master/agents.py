@@ -65,6 +65,9 @@ class AgentMonitor:
         self.clock = clock
         self.last_seen: dict[str, float] = {}
         self.failed: dict[str, FailedAgent] = {}
+        # Nodes whose agent runs in this server's process (`corral dev`). Such an agent
+        # stops only with the server, so it sends no heartbeats and has no deadline.
+        self.in_process: set[str] = set()
         self._task: asyncio.Task | None = None
 
     # Lifecycle
@@ -77,7 +80,8 @@ class AgentMonitor:
         # gives every agent a fresh deadline, and a second server would not share them.
         now = self.clock()
         for agent in self.state.agents():
-            self.last_seen.setdefault(agent.node, now)
+            if agent.node not in self.in_process:
+                self.last_seen.setdefault(agent.node, now)
         self._task = asyncio.create_task(self._run(), name="agent-monitor")
         log.info("agent monitor started timeout=%gs agents=%d", self.timeout, len(self.last_seen))
 
@@ -107,17 +111,29 @@ class AgentMonitor:
 
     # Events from the agents
 
-    def registered(self, node: str) -> None:
-        """Record a registration, which counts as a heartbeat."""
+    def registered(self, node: str, in_process: bool = False) -> None:
+        """Record a registration, which counts as a heartbeat.
+
+        An agent `in_process` runs in this server's process and is never declared failed.
+        """
         previous = self.failed.pop(node, None)
-        self.last_seen[node] = self.clock()
+        if in_process:
+            self.in_process.add(node)
+            self.last_seen.pop(node, None)
+        else:
+            self.last_seen[node] = self.clock()
         if previous is not None:
             log.info("agent recovered node=%s: registered again after it was declared failed", node)
+        elif in_process:
+            log.info("agent registered node=%s: it runs in the server's process, so it has no heartbeat deadline",
+                     node)
         else:
             log.info("agent registered node=%s", node)
 
     def heartbeat(self, node: str) -> bool:
         """Record a heartbeat; return False when the agent is not registered and must register."""
+        if node in self.in_process:
+            return True
         if node not in self.last_seen:
             return False
         self.last_seen[node] = self.clock()
@@ -127,6 +143,7 @@ class AgentMonitor:
         """Stop expecting heartbeats from an agent that leaves."""
         self.last_seen.pop(node, None)
         self.failed.pop(node, None)
+        self.in_process.discard(node)
 
     # Failure detection
 
