@@ -150,6 +150,11 @@ def run_watchers(args: argparse.Namespace, server: Server, venv_bin: Path, round
     return result
 
 
+def response_size(wake: dict) -> str:
+    low, high = wake["response_bytes_min"], wake["response_bytes_max"]
+    return f"{high:,} bytes" if low == high else f"{low:,} to {high:,} bytes"
+
+
 def rss_mib(process: psutil.Process) -> float:
     return process.memory_info().rss / MIB
 
@@ -202,6 +207,12 @@ def render(args: argparse.Namespace, figures: dict, machine: dict[str, str], sta
             f"| server / client CPU from the write to the last answer | {wake['server_cpu_s']:.2f} s / "
             f"{wake['client_cpu_s']:.2f} s |",
         ]
+        if "response_bytes_max" in wake:
+            lines += [
+                f"| size of one response, status line and headers included | {response_size(wake)} |",
+                f"| bytes corral sent to the watchers after the write | {wake['received_bytes']:,} "
+                f"({wake['received_bytes'] / MIB:,.1f} MiB) |",
+            ]
     met_rounds = [
         result for result in rounds
         if "failed" not in result and result["not_answered"] == 0 and result.get("last_s", math.inf) < WAKE_TARGET_SECONDS
@@ -213,12 +224,18 @@ def render(args: argparse.Namespace, figures: dict, machine: dict[str, str], sta
     last = f"{len(met_rounds)} of {len(rounds)} rounds met it; last answer in each round: {lasts}"
     lines += [
         "",
-        "How the wake-up is measured: bench/catalog/watch_health.py, a separate aiohttp process, opens "
+        "How the wake-up is measured: bench/catalog/watch_health.py, a separate process on uvloop, opens "
         f"{args.watchers:,} `GET /v1/health/service/NAME?index=N&wait=60s` requests, each on its own "
-        "connection, and waits until corral holds one connection per watcher and is idle. It then "
-        "sends one PUT /v1/catalog/register that adds a check with Status critical to one instance "
-        "of that service. The clock starts just before that PUT and stops when the client has read "
-        "the last response, so the client's own work of reading every response on one event loop is "
+        "HTTP/1.1 keep-alive connection, and waits until corral holds one connection per watcher and is "
+        "idle. Its watchers are a small asyncio protocol (bench/catalog/lean_client.py). It reads every "
+        "connection into one receive buffer that all of them share, parses the status line and headers, "
+        "and counts the body's Content-Length bytes without decoding the JSON. A watcher counts as "
+        "answered when the status is 200 and X-Consul-Index is past N. Any other status, a chunked or "
+        "compressed body, a missing Content-Length, extra bytes or a connection closed early counts as "
+        "an error. The script then sends, with aiohttp, one PUT /v1/catalog/register that adds a check "
+        "with Status critical to one instance of that service. "
+        "The clock starts just before that PUT and stops when the client has read the last byte of the "
+        "last response, so the client's own work of reading every response on one event loop is "
         "part of the figure; the CPU times above show which side limits it. The client waits at most "
         "60 s after the PUT (WAKE_TIMEOUT in bench/watchers.py) and counts watchers without a response "
         "by then as not answered, so the answer times cover only the watchers answered in that window.",
@@ -248,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
     versions = {
         "corral": f"{command_output([str(venv_bin / 'corral'), 'version'])} (git {git})",
         "aiohttp": metadata.version("aiohttp"),
+        "uvloop": metadata.version("uvloop"),
     }
     workdir = Path(tempfile.mkdtemp(prefix="corral-catalog-bench-"))
     http_port, dns_port = free_port(), free_port()

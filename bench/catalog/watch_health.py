@@ -2,10 +2,13 @@
 
 Run by bench/catalog/catalogbench.py in its own process. Each watcher is
 `GET /v1/health/service/NAME?index=N&wait=60s` on its own connection, where
-N is the service's current X-Consul-Index. The change is a
+N is the service's current X-Consul-Index, sent and read by the small
+asyncio protocol in bench/catalog/lean_client.py. The change is a
 PUT /v1/catalog/register that sets one check on one instance of the service
-to --status. Prints one JSON object on stdout, with times in seconds, in the
-shape of bench/watchers.py, whose watcher and timing code this reuses.
+to --status, sent with aiohttp like the other control requests. Prints one
+JSON object on stdout, with times in seconds, in the shape of
+bench/watchers.py, whose limits and readiness check this reuses, plus the
+size of the responses.
 """
 
 from __future__ import annotations
@@ -15,18 +18,22 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from watchers import Watchers, corral_watcher, measure, raise_fd_limit, wait_until_corral_connected  # noqa: E402
+from lean_client import LeanWatchers, build_request, measure  # noqa: E402
+from watchers import WAIT, raise_fd_limit, wait_until_corral_connected  # noqa: E402
 
 
 async def run(args: argparse.Namespace) -> dict:
     base = f"http://{args.addr}"
-    url = f"{base}/v1/health/service/{args.service}"
-    state = Watchers(args.count)
+    path = f"/v1/health/service/{quote(args.service, safe='')}"
+    url = f"{base}{path}"
+    host, port = args.addr.rsplit(":", 1)
+    state = LeanWatchers(args.count)
     change = {
         "Node": args.node,
         "Address": args.address,
@@ -49,13 +56,12 @@ async def run(args: argparse.Namespace) -> dict:
             async with control.put(f"{base}/v1/catalog/register", json=change) as response:
                 response.raise_for_status()
 
-        def start(session: aiohttp.ClientSession):
-            return corral_watcher(session, url, index, state)
-
         async def wait_ready() -> None:
-            await wait_until_corral_connected(state, args.server_pid, int(args.addr.rsplit(":", 1)[1]))
+            await wait_until_corral_connected(state, args.server_pid, int(port))
 
-        result = await measure(psutil.Process(args.server_pid), state, start, wait_ready, write)
+        request = build_request(args.addr, path, index, WAIT)
+        result = await measure(host, int(port), request, index, state, psutil.Process(args.server_pid),
+                               wait_ready, write)
     result["instances"] = instances
     return result
 
