@@ -125,8 +125,8 @@ async def register_all(args: argparse.Namespace, base_url: str, server: psutil.P
 
 
 def run_watchers(args: argparse.Namespace, server: Server, venv_bin: Path, round_number: int) -> dict:
-    # Each round watches another service, the one in slot 0 of node `round_number`, because
-    # the change it makes (a critical check on that instance) would not change a watched one twice.
+    # Each round watches a different service, the one in slot 0 of node `round_number`:
+    # adding the same critical check to the same instance again would wake no watcher.
     service = service_name(round_number, 0, args.services)
     command = [
         str(venv_bin / "python"), str(WATCH_SCRIPT),

@@ -527,7 +527,7 @@ async def list_services(request: web.Request) -> web.Response:
 
 
 # Paths under /v1/agent/service/ that Consul routes to its PUT-only endpoints (besides
-# "register"), so a GET of them answers 405 rather than looking up a service of that ID.
+# "register"), so a GET of them returns 405 rather than looking up a service of that ID.
 _PUT_ONLY_SERVICE_PREFIXES = ("deregister/", "maintenance/")
 
 
