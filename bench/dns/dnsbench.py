@@ -47,6 +47,8 @@ SERVICE = "bench"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 EDNS_PAYLOAD = 4096
+# corral's queries/s as a share of the ceiling's that the benchmark aims for.
+TARGET_SHARE = 0.7
 
 
 @dataclass
@@ -288,7 +290,13 @@ def section(args: argparse.Namespace, servers: list[Server], machine: dict[str, 
             f"| {100 * cpu:.0f} % | {1e6 * cpu_costs[server.name]:.1f} µs "
             f"| {cpu_costs['ceiling'] / cpu_costs[server.name]:.2f} | {lost} | {share} |"
         )
+    corral_share = medians["corral"] / ceiling
+    cost_share = cpu_costs["ceiling"] / cpu_costs["corral"]
     lines += [
+        "",
+        f"Target: corral at least {TARGET_SHARE} of the ceiling's queries/s: "
+        f"**{'met' if corral_share >= TARGET_SHARE else 'not met'}** ({corral_share:.2f}, medians). "
+        f"By CPU per query the ratio is {cost_share:.2f} (the ceiling's CPU per query divided by corral's).",
         "",
         "- corral: `corral dev` with default DNS flags, so its answer cache is on. A cached",
         "  answer is a dict lookup on the request's bytes after the ID, and hits rotate through",
