@@ -6,6 +6,7 @@ master's default allocation interval would.
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 from collections.abc import Callable
@@ -23,8 +24,10 @@ from corral.master.allocator import (
     Quota,
     RescindReason,
     Resources,
+    _shuffle,
 )
-from corral.master.sorter import DRFSorter
+from corral.master.master import GC_THRESHOLDS, tune_garbage_collector
+from corral.master.sorter import NAME, DRFSorter
 
 AGENT = Resources(cpus=4, mem=4096, disk=1000, ports=[(31000, 31099)])
 
@@ -251,6 +254,89 @@ def test_sorter_inactive_excluded() -> None:
 def test_sorter_rejects_bad_weight() -> None:
     with pytest.raises(ValueError, match="invalid weight"):
         DRFSorter().add("a", 0.0)
+
+
+def test_sorter_ties_by_name_many() -> None:
+    # Names added in ascending and then descending order use up the rank gaps
+    # between neighbours, so the sorter spreads the ranks again on the way.
+    sorter = DRFSorter()
+    names = [f"framework-{number:03d}" for number in range(80)]
+    for name in names[40:] + names[39::-1]:
+        sorter.add(name)
+        sorter.activate(name)
+    assert sorter.sorted_active() == names
+
+
+def test_sorter_removed_name_readded() -> None:
+    sorter = DRFSorter()
+    for name in ("a", "b", "c"):
+        sorter.add(name)
+        sorter.activate(name)
+    sorter.remove("b")
+    sorter.add("b")
+    sorter.activate("b")
+    assert sorter.sorted_active() == ["a", "b", "c"]
+
+
+def reference_order(clients: dict[str, dict], total: tuple[int, int, int]) -> list[str]:
+    """Return the active clients' names sorted by (weighted dominant share, offer count, name)."""
+
+    def share(client: dict) -> float:
+        fractions = [used / whole for used, whole in zip(client["used"], total) if whole > 0]
+        return max(fractions, default=0.0) / client["weight"]
+
+    active = [name for name, client in clients.items() if client["active"]]
+    return sorted(active, key=lambda name: (share(clients[name]), clients[name]["count"], name))
+
+
+def test_sorter_matches_reference() -> None:
+    """Random changes, including add_offer on the live records, keep the order of a full sort."""
+    rng = random.Random(3)
+    sorter = DRFSorter()
+    clients: dict[str, dict] = {}
+    total = (8_000, 16_000, 0)
+    sorter.set_total(*total)
+    for step in range(3_000):
+        action = rng.random()
+        name = f"client-{rng.randrange(12):02d}"
+        if name not in clients:
+            weight = rng.choice([1.0, 2.0, 3.0])
+            sorter.add(name, weight)
+            clients[name] = {"weight": weight, "active": False, "used": [0, 0, 0], "count": 0}
+        client = clients[name]
+        if action < 0.1:
+            client["active"] = not client["active"]
+            if client["active"]:
+                sorter.activate(name)
+            else:
+                sorter.deactivate(name)
+        elif action < 0.15:
+            sorter.remove(name)
+            del clients[name]
+        elif action < 0.17:
+            total = (rng.choice([8_000, 12_000]), 16_000, rng.choice([0, 1_000]))
+            sorter.set_total(*total)
+        elif action < 0.19:
+            client["weight"] = rng.choice([1.0, 2.0, 3.0])
+            sorter.update_weight(name, client["weight"])
+        elif action < 0.5 and sorter.ordered_records():
+            records = sorter.ordered_records()
+            record = records[rng.randrange(min(3, len(records)))]
+            offered = clients[record[NAME]]
+            # Quantities in whole steps make equal shares common, so the offer count and
+            # the name have to break many ties.
+            quantities = rng.choice([(0, 0, 0), (1_000 * rng.randrange(3), 2_000 * rng.randrange(3), 0)])
+            sorter.add_offer(record, *quantities)
+            offered["used"] = [have + more for have, more in zip(offered["used"], quantities)]
+            offered["count"] += 1
+        else:
+            quantities = [1_000 * rng.randrange(-2, 4), 2_000 * rng.randrange(-2, 4), 0]
+            quantities = [max(change, -have) for change, have in zip(quantities, client["used"])]
+            count_offer = rng.random() < 0.5
+            sorter.add_allocation(name, *quantities, count_offer=count_offer)
+            client["used"] = [have + change for have, change in zip(client["used"], quantities)]
+            client["count"] += count_offer
+        assert sorter.sorted_active() == reference_order(clients, total), f"step {step}"
 
 
 # --- Offers, accept, decline --------------------------------------------------------
@@ -994,3 +1080,112 @@ def test_no_starvation_short_declines(refuse_seconds, same_role) -> None:
     assert allocator.used_resources("wants").cpus == 40
     gaps = [later - earlier for earlier, later in zip(offered_in["wants"], offered_in["wants"][1:])]
     assert max(gaps) <= 5
+
+
+# --- Cycle speed-ups that must not change decisions ----------------------------------
+
+
+# Offers of a seeded cycle-by-cycle scenario with reservations, a quota, weights and
+# declines, as the allocator made them before its cycle was made faster.
+PINNED_OFFERS = [
+    "batch-1@agent-1 db-1@agent-0 web-1@agent-2 web-2@agent-5 batch-2@agent-3 web-1@agent-3 "
+    "db-1@agent-3 web-2@agent-4 db-1@agent-6 web-1@agent-7",
+    "batch-2@agent-7 web-2@agent-4 db-1@agent-1 web-1@agent-0 db-1@agent-0 batch-1@agent-5 "
+    "web-2@agent-5 db-1@agent-3 web-1@agent-6 db-1@agent-6 web-2@agent-2",
+    "batch-2@agent-0 db-1@agent-0 web-2@agent-6 db-1@agent-6 web-1@agent-1 batch-1@agent-3 "
+    "db-1@agent-3 web-1@agent-2 db-1@agent-7 web-1@agent-4 batch-2@agent-5 web-1@agent-5",
+    "batch-2@agent-3 batch-1@agent-0 web-2@agent-0 db-1@agent-0 db-1@agent-1 web-2@agent-6 "
+    "db-1@agent-6 db-1@agent-2 web-2@agent-4 web-1@agent-7 batch-1@agent-5 db-1@agent-5",
+    "batch-2@agent-6 db-1@agent-6 web-1@agent-4 batch-1@agent-1 web-2@agent-2 web-2@agent-5 "
+    "db-1@agent-7 web-2@agent-3 batch-1@agent-0 web-1@agent-0 db-1@agent-0",
+    "batch-2@agent-7 batch-1@agent-6 db-1@agent-6 web-2@agent-3 web-2@agent-4 web-2@agent-5 "
+    "batch-2@agent-2 db-1@agent-1 web-2@agent-0 db-1@agent-0",
+    "batch-2@agent-0 web-1@agent-0 db-1@agent-0 batch-2@agent-6 web-2@agent-6 db-1@agent-6 "
+    "web-1@agent-3 batch-2@agent-1 db-1@agent-2 db-1@agent-7 web-1@agent-4 db-1@agent-5",
+    "web-2@agent-1 batch-1@agent-6 db-1@agent-6 batch-1@agent-7 web-2@agent-5 web-2@agent-3 "
+    "web-2@agent-0 db-1@agent-0 batch-1@agent-2 web-1@agent-4",
+]
+
+
+def test_offers_pinned() -> None:
+    allocator = Allocator(rng=random.Random(11), timer=lambda: 0.0)
+    agent = Resources(cpus=4, mem=4096, disk=1000, ports=[(31000, 31009)])
+    for number in range(8):
+        reserved = {"db": Resources(cpus=1, mem=1024)} if number % 3 == 0 else None
+        allocator.add_agent(f"agent-{number}", agent, reserved=reserved)
+    allocator.update_weight("web", 2.0)
+    allocator.update_quota("batch", Quota(cpus=6))
+    frameworks = [
+        ("web-1", "web"),
+        ("web-2", "web"),
+        ("db-1", "db"),
+        ("batch-1", "batch"),
+        ("batch-2", "batch"),
+    ]
+    for framework_id, role in frameworks:
+        allocator.add_framework(framework_id, role)
+    for cycle, expected in enumerate(PINNED_OFFERS):
+        now = float(cycle)
+        offered = []
+        for offer in allocator.allocate(now).offers:
+            offered.append(f"{offer.framework_id}@{offer.agent_id}")
+            if offer.framework_id == "batch-2" or (offer.framework_id == "web-2" and cycle % 2):
+                allocator.decline(offer.id, now, refuse_seconds=1.0)
+                continue
+            ports = offer.resources.first_ports(1) if offer.resources.ports else ()
+            launch = Resources(cpus=1, mem=512, ports=ports)
+            if offer.total.contains(launch):
+                allocator.accept(offer.id, [launch], now, refuse_seconds=0.0)
+            else:
+                allocator.decline(offer.id, now, refuse_seconds=0.0)
+        assert " ".join(offered) == expected, f"cycle {cycle}"
+
+
+class _FloatOnlyRandom(random.Random):
+    """A generator that draws only through random(), so Random picks another _randbelow."""
+
+    def random(self) -> float:
+        return super().random()
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 7, 8, 9, 255, 256, 1000])
+@pytest.mark.parametrize("rng_class", [random.Random, _FloatOnlyRandom])
+def test_shuffle_matches_random(size, rng_class) -> None:
+    for seed in range(5):
+        expected = list(range(size))
+        shuffled = list(range(size))
+        reference, tested = rng_class(seed), rng_class(seed)
+        reference.shuffle(expected)
+        _shuffle(tested, shuffled)
+        assert shuffled == expected
+        # Both generators drew the same bits, so they stay in step.
+        assert tested.random() == reference.random()
+
+
+def test_visit_after_offers() -> None:
+    """Agents that got an offer in a cycle are no candidates of the next one until they change."""
+    allocator = make_allocator(agents=4)
+    allocator.add_framework("web", "web")
+    first = allocator.allocate(0.0)
+    assert first.agents_visited == 4
+    assert len(first.offers) == 4
+    second = allocator.allocate(1.0)
+    assert second.agents_visited == 0
+    allocator.decline(first.offers[0].id, 1.0, refuse_seconds=0.0)
+    third = allocator.allocate(2.0)
+    assert third.agents_visited == 1
+    assert [offer.agent_id for offer in third.offers] == [first.offers[0].agent_id]
+
+
+def test_gc_thresholds_raised() -> None:
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_garbage_collector()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        higher = (GC_THRESHOLDS[0] * 2, 5, GC_THRESHOLDS[2] * 3)
+        gc.set_threshold(*higher)
+        tune_garbage_collector()
+        assert gc.get_threshold() == (higher[0], GC_THRESHOLDS[1], higher[2])
+    finally:
+        gc.set_threshold(*saved)

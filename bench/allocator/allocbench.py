@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
 from corral.master.allocator import Allocation, Allocator, Offer, Resources  # noqa: E402
+from corral.master.master import tune_garbage_collector  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "benchmarks-allocator.md"
 
@@ -57,6 +58,9 @@ class Run:
     cycle_ms: list[float] = field(default_factory=list)
     # Garbage collection time inside each allocate call, from gc.callbacks.
     gc_ms: list[float] = field(default_factory=list)
+    # Collections during the whole run, inside allocator calls or not, by generation:
+    # [count, longest pause in ms].
+    collections: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def placements_per_second(self) -> float:
@@ -70,18 +74,33 @@ class Run:
 
 
 class GarbageCollectionClock:
-    """Total seconds spent in CPython's garbage collector, measured with gc.callbacks."""
+    """Seconds spent in CPython's garbage collector, measured with gc.callbacks.
+
+    `seconds` is the running total. `collections` counts the collections of
+    each generation and keeps the longest pause, until the next reset.
+    """
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.collections: dict[int, list[float]] = {}
         self._started = 0.0
         gc.callbacks.append(self._on_collection)
+
+    def reset(self) -> None:
+        self.collections = {}
+
+    def snapshot(self) -> dict[int, list[float]]:
+        return {generation: list(stats) for generation, stats in self.collections.items()}
 
     def _on_collection(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._started = time.perf_counter()
-        else:
-            self.seconds += time.perf_counter() - self._started
+            return
+        pause = time.perf_counter() - self._started
+        self.seconds += pause
+        stats = self.collections.setdefault(info["generation"], [0, 0.0])
+        stats[0] += 1
+        stats[1] = max(stats[1], pause * 1000)
 
 
 GC_CLOCK = GarbageCollectionClock()
@@ -166,6 +185,7 @@ def fill(args: argparse.Namespace, per_offer: int) -> tuple[Run, Allocator, dict
     allocator, frameworks = build(args)
     run = Run(f"fill, {label} per offer")
     gc.collect()
+    GC_CLOCK.reset()
     started = time.perf_counter()
     now = 0.0
     while run.placed < args.tasks:
@@ -174,6 +194,7 @@ def fill(args: argparse.Namespace, per_offer: int) -> tuple[Run, Allocator, dict
         if run.cycles > 10_000:
             raise RuntimeError(f"only {run.placed} of {args.tasks} tasks placed after 10,000 cycles")
     run.wall_seconds = time.perf_counter() - started
+    run.collections = GC_CLOCK.snapshot()
     return run, allocator, frameworks
 
 
@@ -184,6 +205,7 @@ def churn(args: argparse.Namespace) -> Run:
     run = Run(f"churn, {args.churn:.0%} of tasks end per cycle")
     ending = max(1, int(args.tasks * args.churn))
     gc.collect()
+    GC_CLOCK.reset()
     started = time.perf_counter()
     now = 10_000.0
     for _ in range(args.churn_cycles):
@@ -203,6 +225,7 @@ def churn(args: argparse.Namespace) -> Run:
             run.allocator_seconds += time.perf_counter() - call_started
         cycle(allocator, frameworks, now, args.churn_per_offer, run)
     run.wall_seconds += time.perf_counter() - started
+    run.collections = GC_CLOCK.snapshot()
     return run
 
 
@@ -254,6 +277,8 @@ def report(
         f"Machine: {host['nproc']} CPUs ({host['cpu']}), Linux {host['kernel']}, "
         f"Python {host['python']}. Load average when the run started: {host['load']}.",
         "",
+        f"Garbage collector thresholds: {host['gc']}.",
+        "",
         "## Setup",
         "",
         f"- {args.agents:,} agents of {AGENT.cpus:g} cpus, {AGENT.mem:g} MB mem, {AGENT.disk:g} MB disk and ports "
@@ -299,6 +324,7 @@ def report(
             f"{gc_share:.0%} | "
             f"{net.percentile(0.5):.1f} / {net.percentile(0.99):.1f} / {max(net.cycle_ms):.1f} |"
         )
+    lines += collection_table(scenarios)
     lines += ["", "## Against the targets", ""]
     lines += targets(args, scenarios)
     lines += [
@@ -315,11 +341,43 @@ def report(
         "  may want agents that no other framework wanted. A revived framework needs one or two",
         "  replacements but is offered many agents and declines the rest, so most churn offers are",
         "  declined and its placements/s is low.",
+        "- The master raises CPython's garbage-collector thresholds when it starts",
+        "  (GC_THRESHOLDS in src/corral/master/master.py), and this benchmark does the same unless",
+        "  `--gc default` is given. With CPython's defaults (700, 10, 10) a cycle that makes 10,000",
+        "  offers starts at least 14 young collections. Full collections of the whole heap take 100 ms",
+        "  or more once the tasks are placed, and they often start inside a cycle. With the master's",
+        "  thresholds collections are rare, and offers accepted or declined before the next one are",
+        "  never scanned.",
+        "  Whether a rare collection starts inside a cycle depends on how many objects the frameworks",
+        "  create between cycles, so the GC column can be 0% here and not in another process.",
         "- The machine is shared with other work, so figures vary between runs. The load average",
         "  above shows how busy it was when this run started.",
         "",
     ]
     return "\n".join(lines)
+
+
+def collection_table(scenarios: list[list[Run]]) -> list[str]:
+    """List the garbage collections of each scenario's median run, inside allocator calls or not."""
+    lines = [
+        "",
+        "## Garbage collections",
+        "",
+        "All collections while each row's run placed its tasks, whether they started inside an",
+        "allocator call or in the simulated frameworks, with the longest pause of each generation.",
+        "A collection that starts inside `allocate` adds its pause to that cycle.",
+        "",
+        "| scenario | generation 0: collections, longest ms | generation 1 | generation 2 |",
+        "|---|---:|---:|---:|",
+    ]
+    for runs in scenarios:
+        run = median_run(runs)
+        cells = []
+        for generation in range(3):
+            count, longest = run.collections.get(generation, (0, 0.0))
+            cells.append(f"{count:.0f}, {longest:.1f}" if count else "0")
+        lines.append(f"| {run.name} | {' | '.join(cells)} |")
+    return lines
 
 
 def targets(args: argparse.Namespace, scenarios: list[list[Run]]) -> list[str]:
@@ -371,6 +429,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--churn-cycles", type=int, default=30, help="cycles of the churn scenario; 0 skips it (default 30)")
     parser.add_argument("--churn-per-offer", type=int, default=5, help="per-offer launch limit in the churn scenario (default 5)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    parser.add_argument(
+        "--gc",
+        choices=["master", "default"],
+        default="master",
+        help="garbage-collector thresholds: the master's (corral.master.master.GC_THRESHOLDS) or "
+        "CPython's defaults (default master)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each scenario; the median is shown (default 3)")
     parser.add_argument("--write", action="store_true", help=f"write {OUTPUT.relative_to(ROOT)} as well as printing it")
     args = parser.parse_args(argv)
@@ -383,7 +448,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.gc == "master":
+        tune_garbage_collector()
+        gc_setting = f"{gc.get_threshold()}, as the master sets them (`--gc master`)"
+    else:
+        gc_setting = f"{gc.get_threshold()}, CPython's defaults (`--gc default`)"
     host = machine()
+    host["gc"] = gc_setting
     command = os.environ.get("BENCH_ENTRY", "bench/allocator/run")
     command = " ".join([command, *map(shlex.quote, argv)])
     scenarios: list[list[Run]] = []

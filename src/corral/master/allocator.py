@@ -23,7 +23,7 @@ processes, and no clock. Time comes in as `now` (seconds, monotonic), the
 agent order comes from an injected random.Random, and the only timer, used
 for the cycle-duration metrics, is injected too.
 
-Performance comes from incremental bookkeeping. The sorters move one key per
+Performance comes from incremental bookkeeping. The sorters move one client per
 change. The allocator keeps the set of agents with allocatable free
 resources, and a cycle visits only the agents whose availability changed
 since the last cycle or whose filters expired. It visits every free agent
@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from corral.master.sorter import DRFSorter, validate_weight
+from corral.master.sorter import PAYLOAD, ClientRecord, DRFSorter, validate_weight
 
 log = logging.getLogger(__name__)
 
@@ -610,10 +610,50 @@ def _filtered(filters: list[tuple[float, Resources]], candidate: Resources, now:
     than was refused. Allocator._expire_filters removes expired filters at
     the start of each cycle, so this only skips them.
     """
+    # Resources.contains is written out, because _pick calls this for every
+    # framework with a filter on the agent.
     for expires_at, refused in filters:
-        if expires_at > now and refused.contains(candidate):
+        if (
+            expires_at > now
+            and refused._cpus >= candidate._cpus
+            and refused._mem >= candidate._mem
+            and refused._disk >= candidate._disk
+            and (not candidate._ports or _ranges_contain(refused._ports, candidate._ports))
+        ):
             return True
     return False
+
+
+# Builds a NamedTuple from a tuple of its fields, as its _make does, without a
+# Python-level call: Offer(...) costs a call to the generated __new__.
+_new_tuple = tuple.__new__
+
+
+def _shuffle(rng: random.Random, items: list[str]) -> None:
+    """Shuffle items in place exactly as rng.shuffle(items) does, but faster for random.Random.
+
+    random.Random.shuffle calls the Python method _randbelow once per item,
+    which is about half of its time. For an rng whose shuffle, _randbelow
+    and getrandbits are random.Random's own, this loop draws the same bits in
+    the same order with that call written out, so the result is the same. A
+    test compares the two. Any other rng uses its own shuffle.
+    """
+    kind = type(rng)
+    if not (
+        kind.shuffle is random.Random.shuffle
+        and kind._randbelow is random.Random._randbelow_with_getrandbits
+        and kind.getrandbits is random.Random.getrandbits
+    ):
+        rng.shuffle(items)
+        return
+    getrandbits = rng.getrandbits
+    for i in range(len(items) - 1, 0, -1):
+        bound = i + 1
+        bits = bound.bit_length()
+        j = getrandbits(bits)
+        while j >= bound:
+            j = getrandbits(bits)
+        items[i], items[j] = items[j], items[i]
 
 
 def _refuse_duration(refuse_seconds: float) -> float:
@@ -688,7 +728,7 @@ class Allocator:
         self._filters_expiring: dict[float, list[tuple[str, str]]] = {}
 
         # Agents whose free resources are allocatable, in a stable order.
-        self._free: dict[str, None] = {}
+        self._free: dict[str, _Agent] = {}
         # Agents to visit in the next cycle.
         self._dirty: dict[str, None] = {}
         self._visit_all = False
@@ -821,12 +861,12 @@ class Allocator:
         if not role:
             raise InvalidRequestError(f"invalid role {role!r} for framework {framework_id!r}")
         role_state = self._role(role)
-        role_state.frameworks.add(framework_id, weight)
+        framework = _Framework(framework_id, role, active, suppressed)
+        role_state.frameworks.add(framework_id, weight, framework)
         if len(role_state.frameworks) == 1:
-            self._role_sorter.add(role, role_state.weight)
+            self._role_sorter.add(role, role_state.weight, role_state)
             self._role_sorter.set_total(*self._total)
         role_state.frameworks.set_total(*self._total)
-        framework = _Framework(framework_id, role, active, suppressed)
         self._frameworks[framework_id] = framework
         self._update_wanting(framework)
         log.info(
@@ -935,33 +975,42 @@ class Allocator:
         eligible for them, and repeats while resources are left that another
         role may use.
 
-        NOTE: the cost is linear in the offers made, about 5 to 15 microseconds
-        each. A cycle that offers all of 10,000 agents (the first one, or any
-        after a revive) took 54 to 174 ms on the shared 2-CPU benchmark
-        machine, so it can miss a 100 ms budget. CPython's garbage collector
-        adds pauses of 100 ms or more when the process has hundreds of
-        thousands of objects. bench/allocator/run measures both.
+        NOTE: the cost is linear in the offers made, about 3.5 to 8.5
+        microseconds each in bench/allocator/run on a shared 2-CPU machine,
+        where a cycle that offers all of 10,000 agents took 32 to 85 ms. Other
+        work on the machine makes it slower. A garbage collection that starts
+        inside the cycle adds its pause, which the allocator cannot prevent.
+        Under the master's thresholds the benchmark measured up to 24 ms for a
+        young collection and 73 ms for a middle one, and with CPython's
+        defaults 260 ms for a full one.
         """
         started = self._timer()
         rescinded = self.expire_offers(now)
         self._expire_filters(now)
 
         if self._visit_all:
-            candidates = list(self._free)
+            candidates = list(self._free.values())
             self._visit_all = False
         else:
-            free = self._free
-            candidates = [agent_id for agent_id in self._dirty if agent_id in free]
+            candidates = [agent for agent in map(self._free.get, self._dirty) if agent is not None]
         self._dirty.clear()
 
         offers: list[Offer] = []
         if candidates and self._role_sorter.active_count:
-            self._rng.shuffle(candidates)
-            agents = self._agents
+            # The agents are shuffled as their ids were before, because the
+            # permutation depends only on the length and the rng.
+            _shuffle(self._rng, candidates)
             free = self._free
-            for agent_id in candidates:
-                if agent_id in free:
-                    self._offer_agent(agents[agent_id], now, offers)
+            pick = self._pick
+            # Every candidate is still free when its turn comes, because an
+            # offer changes only the free resources of its own agent.
+            for agent in candidates:
+                offer = pick(agent, now, None)
+                if offer is not None:
+                    offers.append(offer)
+                    if agent.id in free:
+                        self._offer_rest(agent, now, offers, offer)
+            self.metrics.offers_made += len(offers)
 
         seconds = self._timer() - started
         self._record_cycle(seconds)
@@ -1198,8 +1247,13 @@ class Allocator:
 
     # --- Cycle internals -----------------------------------------------------------
 
-    def _offer_agent(self, agent: _Agent, now: float, offers: list[Offer]) -> None:
-        offered_to: set[str] | None = None
+    def _offer_rest(self, agent: _Agent, now: float, offers: list[Offer], first: Offer) -> None:
+        """Offer what is left of an agent after its first offer of the cycle to other frameworks.
+
+        Resources are left when a quota limit cut the first offer, or when
+        other roles have reservations on the agent.
+        """
+        offered_to = {first.framework_id}
         while True:
             offer = self._pick(agent, now, offered_to)
             if offer is None:
@@ -1207,30 +1261,24 @@ class Allocator:
             offers.append(offer)
             if agent.id not in self._free:
                 return
-            # Left over when a quota limit cut the offer, or for other roles' reservations.
-            if offered_to is None:
-                offered_to = set()
             offered_to.add(offer.framework_id)
 
     def _pick(self, agent: _Agent, now: float, offered_to: set[str] | None) -> Offer | None:
         # The first eligible framework that declined this agent in the current
         # rotation, with what it would be offered. It gets the agent only if no
         # other eligible framework can take it.
-        fallback: tuple[_Framework, _Role, Resources, Resources] | None = None
+        fallback: tuple[ClientRecord, ClientRecord, Resources, Resources] | None = None
         agent_id = agent.id
         free = agent.free
         free_reserved = agent.free_reserved
         declined = agent.declined
-        roles = self._roles
-        frameworks = self._frameworks
 
-        # Iterating the sorters' live key lists is safe because the loops
+        # Iterating the sorters' live record lists is safe because the loops
         # return as soon as an offer changes them.
-        for role_key in self._role_sorter.ordered_keys():
-            role_name = role_key[2]
-            role = roles[role_name]
+        for role_record in self._role_sorter.ordered_records():
+            role = role_record[PAYLOAD]
             if free_reserved or role.limits is not None:
-                reserved = free_reserved.get(role_name, EMPTY)
+                reserved = free_reserved.get(role.name, EMPTY)
                 unreserved = free if role.limits is None else role.limit(free)
                 candidate = unreserved + reserved if reserved else unreserved
                 if not self._allocatable(candidate):
@@ -1239,57 +1287,69 @@ class Allocator:
                 # The agent is in self._free, so its unreserved resources are allocatable.
                 reserved = EMPTY
                 unreserved = candidate = free
-            for framework_key in role.frameworks.ordered_keys():
-                framework_id = framework_key[2]
+            for framework_record in role.frameworks.ordered_records():
+                framework = framework_record[PAYLOAD]
+                framework_id = framework.id
                 if offered_to is not None and framework_id in offered_to:
                     continue
-                framework = frameworks[framework_id]
                 if framework.filters:
                     filters = framework.filters.get(agent_id)
                     if filters is not None and _filtered(filters, candidate, now):
                         continue
                 if declined and framework_id in declined:
                     if fallback is None:
-                        fallback = (framework, role, unreserved, reserved)
+                        fallback = (role_record, framework_record, unreserved, reserved)
                     continue
-                return self._make_offer(agent, framework, role, unreserved, reserved, now)
+                return self._make_offer(
+                    agent, role_record, framework_record, unreserved, reserved, now
+                )
 
         if fallback is None:
             return None
         # Every eligible framework has declined this agent: start a new rotation.
         declined.clear()
-        framework, role, unreserved, reserved = fallback
-        return self._make_offer(agent, framework, role, unreserved, reserved, now)
+        return self._make_offer(agent, *fallback, now)
 
     def _make_offer(
         self,
         agent: _Agent,
-        framework: _Framework,
-        role: _Role,
+        role_record: ClientRecord,
+        framework_record: ClientRecord,
         unreserved: Resources,
         reserved: Resources,
         now: float,
     ) -> Offer:
-        # This is a cycle's hot path, so _hold is written out here to save calls.
+        """Make an offer to the framework and role of these sorter records, and hold its resources.
+
+        This is a cycle's hot path, so _hold is written out here, the sorters
+        take the records that _pick found, and the Offer is built without the
+        keyword handling of its generated __new__.
+        """
         self._offer_sequence += 1
         offer_id = f"{self._offer_id_prefix}{self._offer_sequence}"
+        role = role_record[PAYLOAD]
+        framework = framework_record[PAYLOAD]
         role_name = role.name
-        offer = Offer(
-            offer_id, framework.id, agent.id, role_name, unreserved, reserved, agent.attributes, now
+        framework_id = framework.id
+        agent_id = agent.id
+        offer = _new_tuple(
+            Offer,
+            (offer_id, framework_id, agent_id, role_name, unreserved, reserved, agent.attributes, now),
         )
         if unreserved is agent.free:
             agent.free = EMPTY
         else:
             agent.free = agent.free - unreserved
-        if reserved:
+        # Free reservations are never empty, so reserved is either one of them or EMPTY.
+        if reserved is not EMPTY:
             self._take_reserved(agent, role_name, reserved)
             cpus = unreserved._cpus + reserved._cpus
             mem = unreserved._mem + reserved._mem
             disk = unreserved._disk + reserved._disk
         else:
             cpus, mem, disk = unreserved._cpus, unreserved._mem, unreserved._disk
-        self._role_sorter.add_allocation(role_name, cpus, mem, disk, count_offer=True)
-        role.frameworks.add_allocation(framework.id, cpus, mem, disk, count_offer=True)
+        self._role_sorter.add_offer(role_record, cpus, mem, disk)
+        role.frameworks.add_offer(framework_record, cpus, mem, disk)
         held = role.unreserved_held
         held[0] += unreserved._cpus
         held[1] += unreserved._mem
@@ -1301,10 +1361,9 @@ class Allocator:
         if self.offer_timeout is not None:
             self._offer_deadlines.append((now, offer_id))
         if agent.free is EMPTY and not agent.free_reserved:
-            self._free.pop(agent.id, None)
+            self._free.pop(agent_id, None)
         else:
             self._update_free(agent)
-        self.metrics.offers_made += 1
         return offer
 
     def _allocatable(self, resources: Resources) -> bool:
@@ -1348,7 +1407,13 @@ class Allocator:
             for agent_id, framework_id in self._filters_expiring.pop(heapq.heappop(times)):
                 framework = frameworks.get(framework_id)
                 filters = None if framework is None else framework.filters.get(agent_id)
-                if filters is not None:
+                if filters is None:
+                    pass
+                elif len(filters) == 1:
+                    # The usual case, one filter per framework and agent, checked without a new list.
+                    if filters[0][0] <= now:
+                        del framework.filters[agent_id]
+                else:
                     live = [f for f in filters if f[0] > now]
                     if live:
                         framework.filters[agent_id] = live
@@ -1524,7 +1589,7 @@ class Allocator:
         if agent.free_reserved:
             free = free + _total(agent.free_reserved.values())
         if self._allocatable(free):
-            self._free[agent.id] = None
+            self._free[agent.id] = agent
         else:
             self._free.pop(agent.id, None)
 

@@ -22,22 +22,20 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 
-SortKey = tuple[float, int, str]
+# A client is one list, its record: [share, tie-break, name, cpus, mem, disk, weight,
+# active, payload], where payload is any object the caller attached to the client.
+# The tie-break is offer count * RANK_SPAN + the rank of the name among the
+# sorter's names, so that (share, tie-break) orders as (share, offer count,
+# name) does, with an integer comparison in place of a string one. Ranks are
+# unique, so a comparison of two records never reaches the name. The order
+# contains the records themselves and compares them as lists. One mutable record
+# per client, rather than a client object and a new key tuple on every change,
+# saves an allocation and the attribute lookups on each of the two sorter
+# updates per offer.
+SHARE, TIEBREAK, NAME, CPUS, MEM, DISK, WEIGHT, ACTIVE, PAYLOAD = range(9)
+RANK_SPAN = 1 << 32
 
-
-class _Client:
-    __slots__ = ("name", "weight", "active", "cpus", "mem", "disk", "count", "key")
-
-    def __init__(self, name: str, weight: float) -> None:
-        self.name = name
-        self.weight = weight
-        self.active = False
-        self.cpus = 0
-        self.mem = 0
-        self.disk = 0
-        # Offers made to the client so far: the tie-break between equal shares.
-        self.count = 0
-        self.key: SortKey = (0.0, 0, name)
+ClientRecord = list
 
 
 def validate_weight(weight: float) -> float:
@@ -52,8 +50,10 @@ class DRFSorter:
     """Clients kept in weighted DRF order, lowest share first. Only active clients are in the order."""
 
     def __init__(self) -> None:
-        self._clients: dict[str, _Client] = {}
-        self._order: list[SortKey] = []
+        self._clients: dict[str, ClientRecord] = {}
+        # The clients' names in sorted order, for ranking a new name.
+        self._names: list[str] = []
+        self._order: list[ClientRecord] = []
         self._total = (0, 0, 0)
         self._stale = False
 
@@ -65,45 +65,54 @@ class DRFSorter:
 
     @property
     def active_count(self) -> int:
-        return len(self._order) if not self._stale else sum(c.active for c in self._clients.values())
+        if not self._stale:
+            return len(self._order)
+        return sum(1 for record in self._clients.values() if record[ACTIVE])
 
-    def add(self, name: str, weight: float = 1.0) -> None:
-        """Add an inactive client with no allocation, or raise KeyError if it exists."""
+    def add(self, name: str, weight: float = 1.0, payload: object = None) -> None:
+        """Add an inactive client with no allocation, or raise KeyError if it exists.
+
+        payload is stored in the client's record, so that a caller walking
+        ordered_records() reaches its own object for the client without a lookup.
+        """
         if name in self._clients:
             raise KeyError(f"client {name!r} already exists")
-        self._clients[name] = _Client(name, validate_weight(weight))
+        record = [0.0, 0, name, 0, 0, 0, validate_weight(weight), False, payload]
+        self._clients[name] = record
+        self._rank_new_name(name)
 
     def remove(self, name: str) -> None:
         """Remove a client even if resources are still allocated to it, so release them first."""
         self.deactivate(name)
         del self._clients[name]
+        del self._names[bisect_left(self._names, name)]
 
     def activate(self, name: str) -> bool:
         """Put a client into the order, and return whether it was inactive before."""
-        client = self._clients[name]
-        if client.active:
+        record = self._clients[name]
+        if record[ACTIVE]:
             return False
-        client.active = True
+        record[ACTIVE] = True
         if not self._stale:
-            client.key = (self._share(client), client.count, client.name)
-            insort(self._order, client.key)
+            record[SHARE] = self._share(record)
+            insort(self._order, record)
         return True
 
     def deactivate(self, name: str) -> bool:
         """Take a client out of the order, and return whether it was active before."""
-        client = self._clients[name]
-        if not client.active:
+        record = self._clients[name]
+        if not record[ACTIVE]:
             return False
-        client.active = False
         if not self._stale:
-            self._remove_key(client.key)
+            self._remove_record(record)
+        record[ACTIVE] = False
         return True
 
     def is_active(self, name: str) -> bool:
-        return self._clients[name].active
+        return self._clients[name][ACTIVE]
 
     def update_weight(self, name: str, weight: float) -> None:
-        self._clients[name].weight = validate_weight(weight)
+        self._clients[name][WEIGHT] = validate_weight(weight)
         self._stale = True
 
     def set_total(self, cpus: int, mem: int, disk: int) -> None:
@@ -116,37 +125,57 @@ class DRFSorter:
     def add_allocation(
         self, name: str, cpus: int, mem: int, disk: int, *, count_offer: bool = False
     ) -> None:
-        """Add quantities (negative to subtract) to a client's allocation and move its key.
+        """Add quantities (negative to subtract) to a client's allocation and move it in the order.
 
         count_offer counts one more offer made to the client, for the tie-break.
         """
-        client = self._clients[name]
-        client.cpus += cpus
-        client.mem += mem
-        client.disk += disk
-        if count_offer:
-            client.count += 1
-        if not client.active or self._stale:
+        record = self._clients[name]
+        if record[ACTIVE] and not self._stale:
+            self._remove_record(record)
+            self._add(record, cpus, mem, disk, count_offer)
+            record[SHARE] = self._share(record)
+            insort(self._order, record)
+        else:
+            self._add(record, cpus, mem, disk, count_offer)
+
+    def add_offer(self, record: ClientRecord, cpus: int, mem: int, disk: int) -> None:
+        """Add an offer of these quantities to the client whose record ordered_records() listed.
+
+        This is add_allocation(name, cpus, mem, disk, count_offer=True) for the
+        allocator's hot path, two calls per offer, so it takes the record and
+        computes the share inline.
+        """
+        if not record[ACTIVE] or self._stale:
+            self._add(record, cpus, mem, disk, True)
             return
-        # This is the allocator's hot path, so the share is computed inline.
         order = self._order
-        old_key = client.key
-        index = bisect_left(order, old_key)
-        if index == len(order) or order[index] != old_key:
-            raise AssertionError(f"sort key {old_key!r} is missing from the DRF order")
+        # The allocator offers mostly to the first client in the order, so
+        # check that place before a binary search. The record is found by
+        # identity, because the order contains the records themselves.
+        if order[0] is record:
+            index = 0
+        else:
+            index = bisect_left(order, record)
+            if index == len(order) or order[index] is not record:
+                raise AssertionError(f"client {record[NAME]!r} is missing from the DRF order")
         del order[index]
+        client_cpus = record[CPUS] = record[CPUS] + cpus
+        client_mem = record[MEM] = record[MEM] + mem
+        client_disk = record[DISK] = record[DISK] + disk
+        record[TIEBREAK] += RANK_SPAN
         total_cpus, total_mem, total_disk = self._total
-        share = client.cpus / total_cpus if total_cpus > 0 else 0.0
-        if total_mem > 0 and client.mem / total_mem > share:
-            share = client.mem / total_mem
-        if total_disk > 0 and client.disk / total_disk > share:
-            share = client.disk / total_disk
-        client.key = (share / client.weight, client.count, name)
-        insort(order, client.key)
+        share = client_cpus / total_cpus if total_cpus > 0 else 0.0
+        if total_mem > 0 and client_mem / total_mem > share:
+            share = client_mem / total_mem
+        if total_disk > 0 and client_disk / total_disk > share:
+            share = client_disk / total_disk
+        record[SHARE] = share / record[WEIGHT]
+        # The share only grows and the count too, so the record moves right of index.
+        insort(order, record, index)
 
     def allocation(self, name: str) -> tuple[int, int, int]:
-        client = self._clients[name]
-        return (client.cpus, client.mem, client.disk)
+        record = self._clients[name]
+        return (record[CPUS], record[MEM], record[DISK])
 
     def share(self, name: str) -> float:
         """Return the client's dominant share divided by its weight, the first part of its sort key."""
@@ -154,18 +183,19 @@ class DRFSorter:
 
     def dominant_share(self, name: str) -> float:
         """Return the client's dominant share, not divided by its weight."""
-        client = self._clients[name]
-        return self._share(client) * client.weight
+        record = self._clients[name]
+        return self._share(record) * record[WEIGHT]
 
     def sorted_active(self) -> list[str]:
         """Return the active clients' names, lowest weighted share first."""
-        return [key[2] for key in self.ordered_keys()]
+        return [record[NAME] for record in self.ordered_records()]
 
-    def ordered_keys(self) -> list[SortKey]:
-        """Return the live list of active clients' sort keys, lowest first, with the name in key[2].
+    def ordered_records(self) -> list[ClientRecord]:
+        """Return the live list of active clients' records, lowest sort key first, with the name in record[NAME].
 
         The list changes in place with every allocation change, so iterate
-        it only while nothing changes, and stop at the first change.
+        it only while nothing changes, and stop at the first change. The
+        records are for reading and for add_offer only.
         """
         if self._stale:
             self._rebuild()
@@ -174,29 +204,58 @@ class DRFSorter:
     def names(self) -> list[str]:
         return list(self._clients)
 
-    def _share(self, client: _Client) -> float:
+    @staticmethod
+    def _add(record: ClientRecord, cpus: int, mem: int, disk: int, count_offer: bool) -> None:
+        record[CPUS] += cpus
+        record[MEM] += mem
+        record[DISK] += disk
+        if count_offer:
+            record[TIEBREAK] += RANK_SPAN
+
+    def _rank_new_name(self, name: str) -> None:
+        """Give a new client a rank between its neighbours' in name order.
+
+        When no rank is free between them, spread all ranks evenly again.
+        Changing ranks this way keeps the order sorted, because ranks always
+        follow name order.
+        """
+        names = self._names
+        index = bisect_left(names, name)
+        names.insert(index, name)
+        clients = self._clients
+        low = clients[names[index - 1]][TIEBREAK] % RANK_SPAN if index > 0 else -1
+        high = clients[names[index + 1]][TIEBREAK] % RANK_SPAN if index + 1 < len(names) else RANK_SPAN
+        if high - low > 1:
+            clients[name][TIEBREAK] += (low + high) // 2
+            return
+        step = RANK_SPAN // (len(names) + 1)
+        for rank, other in enumerate(names, 1):
+            record = clients[other]
+            record[TIEBREAK] = record[TIEBREAK] // RANK_SPAN * RANK_SPAN + rank * step
+
+    def _share(self, record: ClientRecord) -> float:
         total_cpus, total_mem, total_disk = self._total
         share = 0.0
         if total_cpus > 0:
-            share = client.cpus / total_cpus
+            share = record[CPUS] / total_cpus
         if total_mem > 0:
-            fraction = client.mem / total_mem
+            fraction = record[MEM] / total_mem
             if fraction > share:
                 share = fraction
         if total_disk > 0:
-            fraction = client.disk / total_disk
+            fraction = record[DISK] / total_disk
             if fraction > share:
                 share = fraction
-        return share / client.weight
+        return share / record[WEIGHT]
 
-    def _remove_key(self, key: SortKey) -> None:
-        index = bisect_left(self._order, key)
-        if index == len(self._order) or self._order[index] != key:
-            raise AssertionError(f"sort key {key!r} is missing from the DRF order")
+    def _remove_record(self, record: ClientRecord) -> None:
+        index = bisect_left(self._order, record)
+        if index == len(self._order) or self._order[index] is not record:
+            raise AssertionError(f"client {record[NAME]!r} is missing from the DRF order")
         del self._order[index]
 
     def _rebuild(self) -> None:
-        for client in self._clients.values():
-            client.key = (self._share(client), client.count, client.name)
-        self._order = sorted(client.key for client in self._clients.values() if client.active)
+        for record in self._clients.values():
+            record[SHARE] = self._share(record)
+        self._order = sorted(record for record in self._clients.values() if record[ACTIVE])
         self._stale = False
