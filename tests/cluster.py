@@ -137,6 +137,18 @@ class ProcessCluster:
         psutil.wait_procs(killed, timeout=10)
 
 
+def commands_running(folder: Path, text: str) -> list[psutil.Process]:
+    """Return the live task processes of the cluster in `folder` whose command line contains `text`."""
+    found = []
+    for process in task_processes(folder):
+        try:
+            if text in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # it exited, or became a zombie, since it was listed
+            pass
+    return found
+
+
 class SleepFramework(Scheduler):
     """A framework that wants more than any cluster has: it launches `sleep` tasks as offers come.
 

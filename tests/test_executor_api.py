@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster import ProcessCluster
+from cluster import ProcessCluster, commands_running
 from devcluster import EXAMPLES, DevProcess, task_processes, wait_until
 
 from corral.master import protocol
@@ -236,17 +236,6 @@ def executor_processes(folder: Path, executor_id: str) -> list[psutil.Process]:
             if process.environ().get("MESOS_EXECUTOR_ID") != executor_id:
                 continue
             if parent is None or parent.environ().get("MESOS_EXECUTOR_ID") != executor_id:
-                found.append(process)
-        except psutil.Error:
-            pass
-    return found
-
-
-def commands_running(folder: Path, text: str) -> list[psutil.Process]:
-    found = []
-    for process in task_processes(folder):
-        try:
-            if text in " ".join(process.cmdline()):
                 found.append(process)
         except psutil.Error:
             pass

@@ -17,11 +17,10 @@ import subprocess
 import sys
 import threading
 
-import psutil
 import pytest
 from aiohttp import web
-from cluster import ProcessCluster
-from devcluster import EXAMPLES, free_port, task_processes, wait_until
+from cluster import ProcessCluster, commands_running
+from devcluster import EXAMPLES, free_port, wait_until
 
 from corral.sdk import (
     CallError,
@@ -844,18 +843,6 @@ class Launcher(Recorder):
                                  f"{self.states.get(task_id)}") from None
 
 
-def _tasks_running(cluster: ProcessCluster, command: str) -> list[psutil.Process]:
-    """Return the live task processes of the cluster whose command line contains `command`."""
-    found = []
-    for process in task_processes(cluster.folder):
-        try:
-            if command in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:  # it exited, or became a zombie, since it was listed
-            pass
-    return found
-
-
 def _real_driver(url: str, scheduler: Scheduler, name: str, **options) -> SchedulerDriver:
     framework = FrameworkInfo(name, capabilities=["PARTITION_AWARE"],
                               failover_timeout=options.pop("failover_timeout", 0.0))
@@ -903,7 +890,7 @@ async def test_real_kill_and_reconcile(cluster):
     for status in answers.values():
         assert status.uuid is None
         assert status.reason == "REASON_RECONCILIATION"
-    assert not _tasks_running(cluster, "sleep 60")
+    assert not commands_running(cluster.folder, "sleep 60")
 
 
 async def test_real_reconnect_keeps_framework(cluster):
@@ -958,7 +945,7 @@ async def test_real_teardown_kills_tasks(cluster):
     await scheduler.wait_state("doomed", TaskState.TASK_RUNNING)
     framework_id = driver.framework_id
     assert await _stop(driver, running, failover=False) is DriverStatus.STOPPED
-    wait_until(lambda: not _tasks_running(cluster, "sleep 120"), 15, "the torn-down task to stop")
+    wait_until(lambda: not commands_running(cluster.folder, "sleep 120"), 15, "the torn-down task to stop")
     assert framework_id not in {entry["ID"] for entry in cluster.get("/v1/frameworks")}
 
 

@@ -49,6 +49,7 @@ from corral.agent.executor import ExecutorStateError, read_json, write_json
 from corral.agent.process import ExitStatus, LaunchError, LaunchSpec, TaskProcess, recover_task_process
 from corral.agent.runner import INHERITED_ENV
 from corral.agent.sandbox import SandboxRetention, collect_sandboxes
+from corral.events import EventQueue
 from corral.master import protocol
 from corral.master.protocol import ProtocolError
 from corral.state.records import Task
@@ -170,26 +171,8 @@ class LocalExecutorReporter(ExecutorReporter):
 # --- One subscription --------------------------------------------------------------------------------
 
 
-class ExecutorStream:
+class ExecutorStream(EventQueue):
     """The event stream of one SUBSCRIBE call; the HTTP handler writes what `next` returns."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self.closed = False
-
-    def send(self, event: dict[str, Any]) -> None:
-        if not self.closed:
-            self._queue.put_nowait(event)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._queue.put_nowait(None)
-            self.closed = True
-
-    async def next(self, timeout: float) -> dict[str, Any] | None:
-        """Return the next event, None once the stream ended; raise TimeoutError after `timeout` seconds."""
-        async with asyncio.timeout(timeout):
-            return await self._queue.get()
 
 
 @dataclass

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.duration import format_duration
+from corral.events import EventQueue
 from corral.master import protocol
 from corral.metrics import ALLOCATION_CYCLE_BUCKETS, AllocatorFigures
 from corral.master.agents import AgentMonitor
@@ -158,38 +159,18 @@ class MasterConfig:
                 raise ValueError(f"invalid weight {weight!r} of role {role!r}: expected a number > 0")
 
 
-class Subscription:
+class Subscription(EventQueue):
     """The event stream of one subscribed framework.
 
     The master puts events in; the scheduler API (or an in-process framework)
-    takes them out with `next`. `close` ends the stream after the events queued.
+    takes them out with `next`. `close` ends the stream after the events queued,
+    and after an ERROR event when given an error.
     """
 
     def __init__(self, framework_id: str):
+        super().__init__()
         self.framework_id = framework_id
         self.stream_id = str(uuid.uuid4())
-        # NOTE: the queue is unbounded; a framework that stops reading its stream while
-        # staying connected makes it grow until the connection drops.
-        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self.closed = False
-
-    def send(self, event: dict[str, Any]) -> None:
-        if not self.closed:
-            self._queue.put_nowait(event)
-
-    def close(self, error: str | None = None) -> None:
-        """End the stream, after an ERROR event with `error` when given."""
-        if self.closed:
-            return
-        if error:
-            self._queue.put_nowait(protocol.error_event(error))
-        self._queue.put_nowait(None)
-        self.closed = True
-
-    async def next(self, timeout: float) -> dict[str, Any] | None:
-        """Return the next event, None once the stream ended; raise TimeoutError after `timeout` seconds."""
-        async with asyncio.timeout(timeout):
-            return await self._queue.get()
 
 
 @dataclass

@@ -32,15 +32,11 @@ A minimal executor::
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import inspect
 import logging
 import os
-import random
 import re
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -50,9 +46,17 @@ import aiohttp
 import orjson
 
 from corral.sdk.messages import TaskState
-from corral.sdk.recordio import DEFAULT_MAX_RECORD_SIZE, RecordIODecoder, RecordIOError
+from corral.sdk.recordio import DEFAULT_MAX_RECORD_SIZE, RecordIODecoder
 from corral.sdk.resources import Offer, id_json, id_value, scalar
-from corral.sdk.scheduler import CallError, DriverStatus, NotSubscribedError
+from corral.sdk.stream import (
+    Aborted,
+    CallError,
+    DriverStatus,
+    NotSubscribedError,
+    StreamDriver,
+    StreamLost,
+    decode_events,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,20 +204,18 @@ class Executor:
         log.error("executor %s: agent reported an error: %s", driver.executor_id, message)
 
 
-class _StreamLost(Exception):
-    """The event stream ended or broke; the driver subscribes again."""
-
-
-class _Aborted(Exception):
-    """The agent rejected the executor; retrying would not help."""
-
-
-class ExecutorDriver:
+class ExecutorDriver(StreamDriver):
     """Connects an `Executor` to its agent and keeps it connected.
 
     `environment` defaults to os.environ; a missing MESOS_AGENT_ENDPOINT,
     MESOS_FRAMEWORK_ID or MESOS_EXECUTOR_ID raises ValueError naming it.
     """
+
+    _log = log
+    _peer = "agent"
+    _stream_task_name = "corral-sdk-executor-stream"
+    _drain_calls_on_cancel = True
+    _retry_min = _SUBSCRIPTION_BACKOFF_MIN
 
     def __init__(
         self,
@@ -223,6 +225,7 @@ class ExecutorDriver:
         call_timeout: float = 30.0,
         max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
     ):
+        super().__init__()
         env = os.environ if environment is None else environment
         self.executor = executor
         self.agent_endpoint = _required(env, "MESOS_AGENT_ENDPOINT")
@@ -237,7 +240,6 @@ class ExecutorDriver:
         endpoint = self.agent_endpoint if "://" in self.agent_endpoint else f"http://{self.agent_endpoint}"
         self._url = endpoint.rstrip("/") + EXECUTOR_PATH
 
-        self.status = DriverStatus.NOT_STARTED
         self.subscriptions = 0
         self.subscribed = False
         self.executor_info: Mapping[str, Any] = {}
@@ -247,115 +249,49 @@ class ExecutorDriver:
         self.unacknowledged_updates: dict[str, dict[str, Any]] = {}
         # Tasks launched here with no status update sent yet, by task id.
         self.unacknowledged_tasks: dict[str, Mapping[str, Any]] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: int | None = None
-        self._stop_requested: asyncio.Event | None = None
-        self._abort_message: str | None = None
-        self._pending_calls: set[asyncio.Task] = set()
+
+    @property
+    def _retry_max(self) -> float:
+        return self.backoff_max
+
+    @property
+    def _log_name(self) -> str:
+        return f"executor {self.executor_id}"
+
+    @property
+    def _callbacks(self) -> Executor:
+        return self.executor
 
     # Running and stopping
 
-    def run_forever(self) -> DriverStatus:
-        """Run the driver in a new event loop until it stops or aborts, and return its status."""
-        return asyncio.run(self.run())
-
     async def run(self) -> DriverStatus:
         """Subscribe, dispatch events to the executor and resubscribe, until `stop`, SHUTDOWN or an abort."""
-        if self.status is DriverStatus.RUNNING:
-            raise RuntimeError("the driver is already running")
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
-        self._stop_requested = asyncio.Event()
-        self._abort_message = None
-        self.status = DriverStatus.RUNNING
-        self._session = aiohttp.ClientSession(headers={"Accept": "application/json"})
-        try:
-            await self._run_streams()
-        finally:
-            self.subscribed = False
-            if self._pending_calls:
-                await asyncio.wait(set(self._pending_calls), timeout=self.call_timeout)
-            for task in list(self._pending_calls):
-                task.cancel()
-            await asyncio.gather(*self._pending_calls, return_exceptions=True)
-            await self._session.close()
-            self._session = None
-        self.status = DriverStatus.ABORTED if self._abort_message is not None else DriverStatus.STOPPED
-        log.info("executor %s: driver %s", self.executor_id, self.status.value)
-        return self.status
+        return await self._run()
 
     def stop(self) -> None:
         """Stop the driver once the calls already made are sent; safe from any thread and from callbacks."""
-        if self._loop is None or self.status is not DriverStatus.RUNNING:
-            self.status = DriverStatus.STOPPED
-            return
-        if threading.get_ident() != self._thread:
-            self._loop.call_soon_threadsafe(self._request_stop)
-        else:
-            self._request_stop()
+        self._stop_soon()
 
     def _request_stop(self) -> None:
         assert self._stop_requested is not None
         self._stop_requested.set()
 
-    async def _run_streams(self) -> None:
-        assert self._stop_requested is not None
-        delay = _SUBSCRIPTION_BACKOFF_MIN
-        lost_at = time.monotonic()
-        while True:
-            stream = asyncio.create_task(self._stream_once(), name="corral-sdk-executor-stream")
-            stopper = asyncio.create_task(self._stop_requested.wait())
-            try:
-                await asyncio.wait({stream, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopper.cancel()
-                if asyncio.current_task().cancelling():
-                    stream.cancel()
-            if self._stop_requested.is_set():
-                stream.cancel()
-                await asyncio.gather(stream, return_exceptions=True)
-                return
-            reason = self._stream_outcome(stream)
-            if self._abort_message is not None:
-                await self._invoke("error", self._abort_message)
-                return
-            if self.subscribed:
-                self.subscribed = False
-                lost_at = time.monotonic()
-                delay = _SUBSCRIPTION_BACKOFF_MIN
-                log.warning("executor %s: connection to the agent lost (%s)", self.executor_id, reason)
-                await self._invoke("disconnected")
-            if not self.checkpoint and self.subscriptions:
-                self._abort_message = f"connection to the agent lost ({reason}) and MESOS_CHECKPOINT is off"
-                await self._invoke("error", self._abort_message)
-                return
-            if time.monotonic() - lost_at > self.recovery_timeout:
-                self._abort_message = (f"no subscription to the agent at {self.agent_endpoint} within "
-                                       f"MESOS_RECOVERY_TIMEOUT of {self.recovery_timeout:g}s; last error: {reason}")
-                await self._invoke("error", self._abort_message)
-                return
-            pause = delay * random.uniform(0.5, 1.0)
-            log.info("executor %s: subscribing again in %.2fs after: %s", self.executor_id, pause, reason)
-            try:
-                await asyncio.wait_for(self._stop_requested.wait(), pause)
-            except TimeoutError:
-                pass
-            if self._stop_requested.is_set():
-                return
-            delay = min(delay * 2, self.backoff_max)
+    def _drop_subscription(self) -> bool:
+        was_subscribed = self.subscribed
+        self.subscribed = False
+        return was_subscribed
 
-    def _stream_outcome(self, stream: asyncio.Task) -> str:
-        error = stream.exception()
-        if error is None:
-            return "the agent closed the event stream"
-        if isinstance(error, _Aborted):
-            self._abort_message = str(error)
-            return str(error)
-        if isinstance(error, (_StreamLost, RecordIOError, aiohttp.ClientError, OSError, TimeoutError)):
-            return str(error) if isinstance(error, _StreamLost) else f"{type(error).__name__}: {error}"
-        log.error("executor %s: event stream failed unexpectedly", self.executor_id, exc_info=error)
-        return f"unexpected {type(error).__name__}: {error}"
+    async def _stream_lost(self, reason: str) -> None:
+        log.warning("executor %s: connection to the agent lost (%s)", self.executor_id, reason)
+        await self._invoke("disconnected")
+
+    def _give_up(self, reason: str) -> str | None:
+        if not self.checkpoint and self.subscriptions:
+            return f"connection to the agent lost ({reason}) and MESOS_CHECKPOINT is off"
+        if time.monotonic() - self._lost_at > self.recovery_timeout:
+            return (f"no subscription to the agent at {self.agent_endpoint} within "
+                    f"MESOS_RECOVERY_TIMEOUT of {self.recovery_timeout:g}s; last error: {reason}")
+        return None
 
     # The event stream
 
@@ -388,8 +324,8 @@ class ExecutorDriver:
                 detail = f"SUBSCRIBE returned HTTP {response.status}: {text or response.reason}"
                 # A restarted agent may not know the executor yet, so only a first subscription gives up.
                 if response.status >= 500 or self.subscriptions:
-                    raise _StreamLost(detail)
-                raise _Aborted(detail)
+                    raise StreamLost(detail)
+                raise Aborted(detail)
             await self._read_events(response)
         finally:
             response.close()
@@ -402,13 +338,7 @@ class ExecutorDriver:
             if not chunk:
                 decoder.close()
                 return
-            for record in decoder.feed(chunk):
-                try:
-                    event = orjson.loads(record)
-                except orjson.JSONDecodeError as error:
-                    raise _StreamLost(f"invalid JSON in an event record: {error}: {record[:200]!r}") from None
-                if not isinstance(event, dict):
-                    raise _StreamLost(f"invalid event record: expected a JSON object, got {record[:200]!r}")
+            for event in decode_events(decoder, chunk):
                 await self._dispatch(event)
                 if self._stop_requested.is_set():
                     return
@@ -422,19 +352,6 @@ class ExecutorDriver:
             log.warning("executor %s: ignoring event of unknown type %r", self.executor_id, kind)
             return
         await handler(self, event.get(kind.lower(), {}) or {})
-
-    async def _invoke(self, callback: str, *args: Any) -> bool:
-        """Call an executor callback and await it if it is a coroutine; return False if it raised."""
-        try:
-            result = getattr(self.executor, callback)(self, *args)
-            if inspect.isawaitable(result):
-                await result
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("executor %s: callback %s raised", self.executor_id, callback)
-            return False
-        return True
 
     async def _on_subscribed(self, body: Mapping[str, Any]) -> None:
         self.subscribed = True
@@ -478,7 +395,7 @@ class ExecutorDriver:
         self.stop()
 
     async def _on_error(self, body: Mapping[str, Any]) -> None:
-        raise _Aborted(body.get("message", "the agent sent an ERROR event without a message"))
+        raise Aborted(body.get("message", "the agent sent an ERROR event without a message"))
 
     async def _on_heartbeat(self, body: Mapping[str, Any]) -> None:
         log.debug("executor %s: heartbeat", self.executor_id)
@@ -570,34 +487,10 @@ class ExecutorDriver:
         if self._loop is None or self.status is not DriverStatus.RUNNING:
             coroutine.close()
             raise NotSubscribedError(kind, "the executor driver is not running")
-        if threading.get_ident() != self._thread:
-            return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        task = asyncio.create_task(coroutine, name=f"corral-sdk-executor-{kind}")
-        self._pending_calls.add(task)
-        task.add_done_callback(self._call_done)
-        return task
-
-    def _call_done(self, task: asyncio.Task) -> None:
-        self._pending_calls.discard(task)
-        if not task.cancelled():
-            task.exception()
+        return self._start_call(coroutine, f"corral-sdk-executor-{kind}")
 
     async def _post(self, call: dict[str, Any]) -> None:
-        assert self._session is not None
-        kind = call["type"]
-        try:
-            async with self._session.post(
-                self._url, data=orjson.dumps(call), headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self.call_timeout),
-            ) as response:
-                if 200 <= response.status < 300:
-                    return
-                text = (await response.text(errors="replace"))[:500].strip()
-                error = CallError(kind, f"HTTP {response.status}: {text or response.reason}", response.status)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            error = CallError(kind, f"{type(exc).__name__}: {exc or 'timed out'}")
-        log.warning("executor %s: %s", self.executor_id, error)
-        raise error
+        await self._send_call(self._url, call, {"Content-Type": "application/json"})
 
 
 def _required(env: Mapping[str, str], name: str) -> str:

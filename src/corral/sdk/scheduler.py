@@ -20,12 +20,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import enum
-import inspect
 import logging
 import math
-import random
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -35,8 +31,17 @@ import aiohttp
 import orjson
 
 from corral.sdk.messages import FrameworkInfo, TaskStatus
-from corral.sdk.recordio import DEFAULT_MAX_RECORD_SIZE, RecordIODecoder, RecordIOError
+from corral.sdk.recordio import DEFAULT_MAX_RECORD_SIZE, RecordIODecoder
 from corral.sdk.resources import Offer, id_json, id_value
+from corral.sdk.stream import (
+    Aborted,
+    CallError,
+    DriverStatus,
+    NotSubscribedError,
+    StreamDriver,
+    StreamLost,
+    decode_events,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +50,6 @@ STREAM_ID_HEADER = "Mesos-Stream-Id"
 
 # Mesos's default heartbeat interval, used when SUBSCRIBED does not name one.
 DEFAULT_HEARTBEAT_INTERVAL = 15.0
-
-class DriverStatus(enum.Enum):
-    """The driver's life cycle, after Mesos's driver Status."""
-
-    NOT_STARTED = "DRIVER_NOT_STARTED"
-    RUNNING = "DRIVER_RUNNING"
-    ABORTED = "DRIVER_ABORTED"
-    STOPPED = "DRIVER_STOPPED"
-
-
-class CallError(Exception):
-    """The master rejected a call, or the call could not reach it."""
-
-    def __init__(self, call_type: str, message: str, status: int | None = None):
-        super().__init__(f"{call_type} call failed: {message}")
-        self.call_type = call_type
-        self.status = status
-
-
-class NotSubscribedError(CallError):
-    """A call was made while the driver had no subscription (before SUBSCRIBED, or while reconnecting)."""
-
 
 class Scheduler:
     """Callbacks of a framework scheduler; override those the framework needs.
@@ -110,14 +93,6 @@ class Scheduler:
     def error(self, driver: SchedulerDriver, message: str) -> None:
         """Called on an ERROR event or a subscription that the master rejected; the driver then aborts."""
         log.error("framework %s: master reported an error: %s", driver.framework_id, message)
-
-
-class _StreamLost(Exception):
-    """The event stream ended or broke; the driver reconnects."""
-
-
-class _Aborted(Exception):
-    """The master rejected the framework; retrying would not help."""
 
 
 def _normalize_master(master: str) -> str:
@@ -173,7 +148,7 @@ def _reconcile_entry(task: str | TaskStatus | tuple | Mapping[str, Any]) -> dict
     return entry
 
 
-class SchedulerDriver:
+class SchedulerDriver(StreamDriver):
     """Connects a `Scheduler` to a corral (or Mesos) master and keeps it connected.
 
     When the event stream drops, or no event arrives for `missed_heartbeats`
@@ -184,6 +159,11 @@ class SchedulerDriver:
     rejects the new SUBSCRIBE, so the driver aborts. A framework that should
     survive a reconnect needs a failover_timeout longer than the outage.
     """
+
+    _log = log
+    _peer = "master"
+    _stream_task_name = "corral-sdk-event-stream"
+    _callback_label = "scheduler callback"
 
     def __init__(
         self,
@@ -205,6 +185,7 @@ class SchedulerDriver:
             raise ValueError(
                 f"invalid reconnect delays {reconnect_min!r} and {reconnect_max!r}: expected 0 < min <= max seconds"
             )
+        super().__init__()
         self.scheduler = scheduler
         self.framework = framework
         self.master = _normalize_master(master)
@@ -216,21 +197,14 @@ class SchedulerDriver:
         self.subscribe_timeout = subscribe_timeout
         self.max_record_size = max_record_size
 
-        self.status = DriverStatus.NOT_STARTED
         self.stream_id: str | None = None
         self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self.master_info: Mapping[str, Any] = {}
         self.subscriptions = 0
         self._call_url = self.master + SCHEDULER_PATH
-        self._session: aiohttp.ClientSession | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: int | None = None
         self._call_lock: asyncio.Lock | None = None
-        self._stop_requested: asyncio.Event | None = None
         self._failover = False
         self._dispatching = False
-        self._abort_message: str | None = None
-        self._pending_calls: set[asyncio.Task] = set()
 
     @property
     def framework_id(self) -> str | None:
@@ -240,45 +214,30 @@ class SchedulerDriver:
     def subscribed(self) -> bool:
         return self.stream_id is not None
 
-    # Running and stopping
+    @property
+    def _retry_min(self) -> float:
+        return self.reconnect_min
 
-    def run_forever(self) -> DriverStatus:
-        """Run the driver in a new event loop until it stops or aborts, and return its status."""
-        return asyncio.run(self.run())
+    @property
+    def _retry_max(self) -> float:
+        return self.reconnect_max
+
+    @property
+    def _log_name(self) -> str:
+        return f"framework {self.framework_id}"
+
+    @property
+    def _callbacks(self) -> Scheduler:
+        return self.scheduler
+
+    # Running and stopping
 
     async def run(self) -> DriverStatus:
         """Subscribe, dispatch events to the scheduler and reconnect, until `stop` or an abort."""
-        if self.status is DriverStatus.RUNNING:
-            raise RuntimeError("the driver is already running")
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
+        return await self._run()
+
+    def _prepare_run(self) -> None:
         self._call_lock = asyncio.Lock()
-        self._stop_requested = asyncio.Event()
-        self._abort_message = None
-        self.status = DriverStatus.RUNNING
-        self._session = aiohttp.ClientSession(headers={"Accept": "application/json"})
-
-        cancelled = False
-        try:
-            await self._run_streams()
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
-        finally:
-            self.stream_id = None
-            # Calls already made (a TEARDOWN, the last acknowledgements) get their
-            # time to finish before the session closes, unless `run` itself was cancelled.
-            if self._pending_calls and not cancelled:
-                await asyncio.wait(set(self._pending_calls), timeout=self.call_timeout)
-            for task in list(self._pending_calls):
-                task.cancel()
-            await asyncio.gather(*self._pending_calls, return_exceptions=True)
-            await self._session.close()
-            self._session = None
-
-        self.status = DriverStatus.ABORTED if self._abort_message is not None else DriverStatus.STOPPED
-        log.info("framework %s: driver %s", self.framework_id, self.status.value)
-        return self.status
 
     def stop(self, failover: bool = False) -> None:
         """Stop the driver; `run` then returns DriverStatus.STOPPED.
@@ -289,13 +248,7 @@ class SchedulerDriver:
         framework's failover_timeout, for a new scheduler to subscribe with
         the same framework id. Safe to call from any thread and from callbacks.
         """
-        if self._loop is None or self.status is not DriverStatus.RUNNING:
-            self.status = DriverStatus.STOPPED
-            return
-        if threading.get_ident() != self._thread:
-            self._loop.call_soon_threadsafe(self._request_stop, failover)
-        else:
-            self._request_stop(failover)
+        self._stop_soon(failover)
 
     def _request_stop(self, failover: bool) -> None:
         assert self._stop_requested is not None
@@ -303,55 +256,20 @@ class SchedulerDriver:
             self._failover = failover
             self._stop_requested.set()
 
-    async def _run_streams(self) -> None:
-        assert self._stop_requested is not None
-        delay = self.reconnect_min
-        while True:
-            stream = asyncio.create_task(self._stream_once(), name="corral-sdk-event-stream")
-            stopper = asyncio.create_task(self._stop_requested.wait())
-            try:
-                await asyncio.wait({stream, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopper.cancel()
-                if asyncio.current_task().cancelling():
-                    stream.cancel()
-            if self._stop_requested.is_set():
-                await self._finish(stream)
-                return
-            reason = self._stream_outcome(stream)
-            if self._abort_message is not None:
-                await self._invoke("error", self._abort_message)
-                return
-            was_subscribed = self.subscribed
-            self.stream_id = None
-            if was_subscribed:
-                delay = self.reconnect_min
-                log.warning("framework %s: event stream lost (%s)", self.framework_id, reason)
-                await self._invoke("disconnected")
-            pause = delay * random.uniform(0.5, 1.0)
-            log.info("framework %s: subscribing to %s again in %.2fs after: %s",
-                     self.framework_id, self.master, pause, reason)
-            try:
-                await asyncio.wait_for(self._stop_requested.wait(), pause)
-            except TimeoutError:
-                pass
-            if self._stop_requested.is_set():
-                return
-            delay = min(delay * 2, self.reconnect_max)
+    def _drop_subscription(self) -> bool:
+        was_subscribed = self.subscribed
+        self.stream_id = None
+        return was_subscribed
 
-    def _stream_outcome(self, stream: asyncio.Task) -> str:
-        error = stream.exception()
-        if error is None:
-            return "the master closed the event stream"
-        if isinstance(error, _Aborted):
-            self._abort_message = str(error)
-            return str(error)
-        if isinstance(error, (_StreamLost, RecordIOError, aiohttp.ClientError, OSError, TimeoutError)):
-            return f"{type(error).__name__}: {error}" if not isinstance(error, _StreamLost) else str(error)
-        log.error("framework %s: event stream failed unexpectedly", self.framework_id, exc_info=error)
-        return f"unexpected {type(error).__name__}: {error}"
+    async def _stream_lost(self, reason: str) -> None:
+        log.warning("framework %s: event stream lost (%s)", self.framework_id, reason)
+        await self._invoke("disconnected")
 
-    async def _finish(self, stream: asyncio.Task) -> None:
+    def _log_retry(self, pause: float, reason: str) -> None:
+        log.info("framework %s: subscribing to %s again in %.2fs after: %s",
+                 self.framework_id, self.master, pause, reason)
+
+    async def _end_stream(self, stream: asyncio.Task) -> None:
         """Send TEARDOWN unless failing over, then end the stream, letting a running callback finish."""
         if not self._failover and self.subscribed:
             try:
@@ -399,13 +317,13 @@ class SchedulerDriver:
     async def _check_subscribe_response(self, response: aiohttp.ClientResponse) -> None:
         if response.status == 200:
             if not response.headers.get(STREAM_ID_HEADER):
-                raise _Aborted(f"the master at {self.master} responded to SUBSCRIBE without a {STREAM_ID_HEADER} header")
+                raise Aborted(f"the master at {self.master} responded to SUBSCRIBE without a {STREAM_ID_HEADER} header")
             return
         text = (await response.text(errors="replace"))[:500].strip()
         detail = f"SUBSCRIBE returned HTTP {response.status}: {text or response.reason}"
         if response.status >= 500 or response.status == 429:
-            raise _StreamLost(detail)
-        raise _Aborted(detail)
+            raise StreamLost(detail)
+        raise Aborted(detail)
 
     async def _read_events(self, response: aiohttp.ClientResponse, stream_id: str) -> None:
         assert self._stop_requested is not None
@@ -420,17 +338,11 @@ class SchedulerDriver:
                     limit = f"{self.missed_heartbeats} heartbeat intervals of {self.heartbeat_interval:g}s"
                 else:
                     limit = f"subscribe_timeout {self.subscribe_timeout:g}s, waiting for SUBSCRIBED"
-                raise _StreamLost(f"no event for {time.monotonic() - started:.1f}s ({limit})") from None
+                raise StreamLost(f"no event for {time.monotonic() - started:.1f}s ({limit})") from None
             if not chunk:
                 decoder.close()
                 return
-            for record in decoder.feed(chunk):
-                try:
-                    event = orjson.loads(record)
-                except orjson.JSONDecodeError as error:
-                    raise _StreamLost(f"invalid JSON in an event record: {error}: {record[:200]!r}") from None
-                if not isinstance(event, dict):
-                    raise _StreamLost(f"invalid event record: expected a JSON object, got {record[:200]!r}")
+            for event in decode_events(decoder, chunk):
                 if event.get("type") == "SUBSCRIBED":
                     self.stream_id = stream_id
                     timeout = self._heartbeat_timeout(event.get("subscribed", {}))
@@ -456,19 +368,6 @@ class SchedulerDriver:
             await handler(self, event.get(kind.lower(), {}) if isinstance(kind, str) else {})
         finally:
             self._dispatching = False
-
-    async def _invoke(self, callback: str, *args: Any) -> bool:
-        """Call a scheduler callback and await it if it is a coroutine; return False if it raised."""
-        try:
-            result = getattr(self.scheduler, callback)(self, *args)
-            if inspect.isawaitable(result):
-                await result
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("framework %s: scheduler callback %s raised", self.framework_id, callback)
-            return False
-        return True
 
     async def _on_subscribed(self, subscribed: Mapping[str, Any]) -> None:
         framework_id = id_value(subscribed["framework_id"])
@@ -524,7 +423,7 @@ class SchedulerDriver:
 
     async def _on_error(self, body: Mapping[str, Any]) -> None:
         # Mesos advises frameworks to abort on ERROR; the run loop calls `error`.
-        raise _Aborted(body.get("message", "the master sent an ERROR event without a message"))
+        raise Aborted(body.get("message", "the master sent an ERROR event without a message"))
 
     async def _on_heartbeat(self, body: Mapping[str, Any]) -> None:
         log.debug("framework %s: heartbeat", self.framework_id)
@@ -666,20 +565,7 @@ class SchedulerDriver:
         stream_id = self.stream_id
         if stream_id is None:
             raise NotSubscribedError(kind, "the driver has no subscription (it is reconnecting to the master)")
-        if threading.get_ident() != self._thread:
-            return asyncio.run_coroutine_threadsafe(self._post(call, stream_id), self._loop)
-        task = asyncio.create_task(self._post(call, stream_id), name=f"corral-sdk-{kind}")
-        self._pending_calls.add(task)
-        task.add_done_callback(self._call_done)
-        return task
-
-    def _call_done(self, task: asyncio.Task) -> None:
-        self._pending_calls.discard(task)
-        if task.cancelled():
-            return
-        # Reading the exception here marks it retrieved, so a call that no one
-        # awaits is logged once (in _post) and not again by the event loop.
-        task.exception()
+        return self._start_call(self._post(call, stream_id), f"corral-sdk-{kind}")
 
     async def _post(self, call: dict[str, Any], stream_id: str | None) -> None:
         assert self._session is not None and self._call_lock is not None
@@ -694,17 +580,5 @@ class SchedulerDriver:
         # NOTE: a call that fails on the network is not sent again, because the
         # master may have applied it. Reconcile to learn what happened to a launch.
         async with self._call_lock:
-            try:
-                async with self._session.post(
-                    self._call_url, data=orjson.dumps(call), headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=self.call_timeout),
-                ) as response:
-                    if 200 <= response.status < 300:
-                        log.debug("framework %s: %s accepted with HTTP %d", self.framework_id, kind, response.status)
-                        return
-                    text = (await response.text(errors="replace"))[:500].strip()
-                    error = CallError(kind, f"HTTP {response.status}: {text or response.reason}", response.status)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                error = CallError(kind, f"{type(exc).__name__}: {exc or 'timed out'}")
-        log.warning("framework %s: %s", self.framework_id, error)
-        raise error
+            status = await self._send_call(self._call_url, call, headers)
+        log.debug("framework %s: %s accepted with HTTP %d", self.framework_id, kind, status)
