@@ -628,6 +628,107 @@ async def test_agent_failure_lost(state, clock):
         await monitor.fail("n1", 6.0)
         status = (await next_event(subscription, "UPDATE"))["update"]["status"]
         assert status["state"] == "TASK_LOST"
+        assert state.task(store_id).desired is DesiredState.STOP
+    finally:
+        await instance.stop()
+
+
+PARTITION_AWARE = [{"type": "PARTITION_AWARE"}]
+
+
+async def test_agent_failure_keeps_unreachable_task_running(state, clock):
+    monitor = AgentMonitor(state, timeout=5)
+    instance = Master(state, _config(), monitor=monitor, clock=clock)
+    await instance.start()
+    try:
+        await register_agent(state)
+        monitor.registered("n1")
+        subscription, store_id = await launch(instance, state, capabilities=PARTITION_AWARE)
+        await set_task_state(state, store_id, TaskState.RUNNING)
+        await next_event(subscription, "UPDATE")
+        await monitor.fail("n1", 6.0)
+        assert (await next_event(subscription, "UPDATE"))["update"]["status"]["state"] == "TASK_UNREACHABLE"
+        task = state.task(store_id)
+        assert task.state is TaskState.UNREACHABLE
+        assert task.desired is DesiredState.RUN
+        assert not task.ended
+        assert task.holds_resources
+        assert instance.allocator.used_resources(subscription.framework_id).cpus == 0
+
+        # The agent registers again: the task is RUNNING, and its resources count as used again.
+        await register_agent(state)
+        monitor.registered("n1")
+        status = (await next_event(subscription, "UPDATE"))["update"]["status"]
+        assert status["state"] == "TASK_RUNNING"
+        assert status["uuid"]
+        assert state.task(store_id).state is TaskState.RUNNING
+        assert state.task(store_id).desired is DesiredState.RUN
+        assert instance.allocator.used_resources(subscription.framework_id).cpus == pytest.approx(0.5)
+    finally:
+        await instance.stop()
+
+
+async def test_kill_unreachable_task_stops_it_on_return(state, clock):
+    monitor = AgentMonitor(state, timeout=5)
+    instance = Master(state, _config(), monitor=monitor, clock=clock)
+    await instance.start()
+    try:
+        await register_agent(state)
+        monitor.registered("n1")
+        subscription, store_id = await launch(instance, state, capabilities=PARTITION_AWARE)
+        await set_task_state(state, store_id, TaskState.RUNNING)
+        await next_event(subscription, "UPDATE")
+        await monitor.fail("n1", 6.0)
+        await next_event(subscription, "UPDATE")
+        await instance.kill(subscription.framework_id, {"task_id": {"value": "t1"}})
+        answer = (await next_event(subscription, "UPDATE"))["update"]["status"]
+        assert answer["state"] == "TASK_UNREACHABLE"
+        assert answer["reason"] == "REASON_RECONCILIATION"
+        assert "uuid" not in answer
+        assert state.task(store_id).desired is DesiredState.STOP
+
+        # On return the task stays UNREACHABLE until its agent kills it and reports KILLED.
+        await register_agent(state)
+        monitor.registered("n1")
+        await no_event(subscription, "UPDATE")
+        assert state.task(store_id).state is TaskState.UNREACHABLE
+        await set_task_state(state, store_id, TaskState.KILLED)
+        assert (await next_event(subscription, "UPDATE"))["update"]["status"]["state"] == "TASK_KILLED"
+    finally:
+        await instance.stop()
+
+
+async def test_agent_failure_stops_staging_unreachable_task(state, clock):
+    monitor = AgentMonitor(state, timeout=5)
+    instance = Master(state, _config(), monitor=monitor, clock=clock)
+    await instance.start()
+    try:
+        await register_agent(state)
+        monitor.registered("n1")
+        subscription, store_id = await launch(instance, state, capabilities=PARTITION_AWARE)
+        await monitor.fail("n1", 6.0)
+        assert (await next_event(subscription, "UPDATE"))["update"]["status"]["state"] == "TASK_UNREACHABLE"
+        assert state.task(store_id).desired is DesiredState.STOP
+    finally:
+        await instance.stop()
+
+
+async def test_teardown_stops_unreachable_tasks(state, clock):
+    monitor = AgentMonitor(state, timeout=5)
+    instance = Master(state, _config(), monitor=monitor, clock=clock)
+    await instance.start()
+    try:
+        await register_agent(state)
+        monitor.registered("n1")
+        subscription, store_id = await launch(instance, state, capabilities=PARTITION_AWARE)
+        await set_task_state(state, store_id, TaskState.RUNNING)
+        await monitor.fail("n1", 6.0)
+        await wait_for(lambda: state.task(store_id).state is TaskState.UNREACHABLE)
+        await instance.remove_framework(subscription.framework_id)
+        assert state.task(store_id).desired is DesiredState.STOP
+        await register_agent(state)
+        await asyncio.sleep(0.2)
+        assert state.task(store_id).state is TaskState.UNREACHABLE
     finally:
         await instance.stop()
 

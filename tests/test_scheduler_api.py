@@ -3,13 +3,14 @@
 A raw aiohttp client plays the framework: it subscribes, reads the RecordIO
 stream, launches `sleep` tasks on the offers it gets, acknowledges their
 updates, kills and reconciles them. The tests share one cluster and run in
-file order; the last ones kill an agent with SIGKILL.
+file order; the last ones pause an agent with SIGSTOP and kill one with SIGKILL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -459,6 +460,79 @@ async def test_metrics_count_offers(cluster):
 
 
 # Agent failure (destructive: runs last)
+
+
+def wait_for_process_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"task process {pid} still runs after {timeout:g}s"
+        time.sleep(0.1)
+
+
+async def test_paused_agent_keeps_partition_aware_tasks(cluster):
+    """SIGSTOP an agent past the timeout, then SIGCONT it: its tasks kept running meanwhile."""
+    aware = Framework(cluster.http, name="aware-pause", failover_timeout=60, capabilities=[{"type": "PARTITION_AWARE"}])
+    plain = Framework(cluster.http, name="plain-pause", failover_timeout=60)
+    agent = cluster.processes["s1"]
+    paused = False
+    try:
+        await aware.subscribe()
+        await plain.subscribe()
+        offer = await aware.offer("s1")
+        await aware.accept(offer, sleep_task("returns", offer), sleep_task("killed-away", offer))
+        await aware.update("returns", "TASK_RUNNING")
+        plain_offer = await plain.offer("s1", timeout=20)
+        await plain.accept(plain_offer, sleep_task("replaced", plain_offer))
+        await plain.update("replaced", "TASK_RUNNING")
+        await asyncio.wait_for(_until(lambda: all(
+            task_record(cluster, framework, task_id)["PID"]
+            for framework, task_id in ((aware, "returns"), (aware, "killed-away"), (plain, "replaced"))
+        )), 15)
+        pids = {task_id: task_record(cluster, framework, task_id)["PID"]
+                for framework, task_id in ((aware, "returns"), (aware, "killed-away"), (plain, "replaced"))}
+
+        agent.send_signal(signal.SIGSTOP)
+        paused = True
+        await aware.next("FAILURE", timeout=AGENT_TIMEOUT * 1.25 + 5)
+        unreachable = await aware.update("returns", "TASK_UNREACHABLE")
+        assert unreachable["source"] == "SOURCE_MASTER"
+        lost = await plain.update("replaced", "TASK_LOST")
+        assert lost["reason"] == "REASON_AGENT_REMOVED"
+        assert task_record(cluster, aware, "returns")["DesiredState"] == "run"
+        assert task_record(cluster, plain, "replaced")["DesiredState"] == "stop"
+
+        # A KILL of an unreachable task returns its state, and the agent kills it on return.
+        status, text = await aware.call({"type": "KILL", "kill": {"task_id": {"value": "killed-away"}}})
+        assert status == 202, text
+        answer = await aware.update("killed-away", "TASK_UNREACHABLE")
+        assert answer["reason"] == "REASON_RECONCILIATION"
+        assert task_record(cluster, aware, "killed-away")["DesiredState"] == "stop"
+        assert all(psutil.pid_exists(pid) for pid in pids.values())
+
+        agent.send_signal(signal.SIGCONT)
+        paused = False
+        running = await aware.update("returns", "TASK_RUNNING", timeout=20)
+        assert running["agent_id"] == {"value": "s1"}
+        record = task_record(cluster, aware, "returns")
+        assert (record["State"], record["PID"]) == ("RUNNING", pids["returns"])
+        assert psutil.pid_exists(pids["returns"])
+        await aware.update("killed-away", "TASK_KILLED", timeout=20)
+        await asyncio.to_thread(wait_for_process_exit, pids["killed-away"], 15)
+        await asyncio.to_thread(wait_for_process_exit, pids["replaced"], 15)
+        assert task_record(cluster, plain, "replaced")["State"] in ("LOST", "KILLED")
+    finally:
+        if paused:
+            agent.send_signal(signal.SIGCONT)
+        await aware.call({"type": "TEARDOWN"})
+        await plain.call({"type": "TEARDOWN"})
+        await aware.close()
+        await plain.close()
+    await asyncio.to_thread(wait_for_process_exit, pids["returns"], 15)
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.1)
 
 
 async def test_agent_kill_reports_lost(cluster):

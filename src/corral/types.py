@@ -29,15 +29,14 @@ class TaskState(enum.StrEnum):
 
 # FAILED is missing because a job task that exits is restarted in place (FAILED, then
 # STARTING again); a framework task that fails ends there (see Task.ended).
-# NOTE: Mesos does not count UNREACHABLE as terminal, because the agent may come back.
-# corral stops such tasks (desired STOP) when it declares their agent failed, so here it is.
+# UNREACHABLE is missing too, as in Mesos, because the task's agent may come back.
+# corral.master.agents describes what happens to such a task then.
 _TERMINAL_TASK_STATES = frozenset(
     {
         TaskState.FINISHED,
         TaskState.KILLED,
         TaskState.ERROR,
         TaskState.LOST,
-        TaskState.UNREACHABLE,
         TaskState.GONE,
     }
 )

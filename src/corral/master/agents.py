@@ -5,9 +5,13 @@ heartbeated for `timeout` seconds is declared failed at once. Its node's
 serfHealth check turns critical, so DNS and `?passing` leave out its
 services. Its agent record is removed, so nothing new is placed on it. Its
 tasks that have not ended become LOST with desired state STOP, so the job
-scheduler replaces them elsewhere. An agent that comes back
+scheduler replaces them elsewhere, except the started tasks of
+partition-aware frameworks: those become UNREACHABLE and keep desired state
+RUN, as in Mesos, because the agent may come back. An agent that comes back
 registers again, which turns serfHealth passing, and kills the tasks it
-still runs, because they have desired state STOP.
+still runs that have desired state STOP. The master turns its UNREACHABLE
+tasks that still have desired state RUN back to RUNNING (see
+Master._reach_tasks_again).
 
 Mesos waits longer before it acts (`--agent_ping_timeout` 15 s times
 `--max_agent_ping_timeouts` 5) and first marks tasks UNREACHABLE; corral
@@ -19,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from corral.agent.registry import SERF_HEALTH_ID
 from corral.agent.resources import role_name_problem
 from corral.master.allocator import Resources
+from corral.master.protocol import PARTITION_AWARE
 from corral.state import State
 from corral.state.records import AgentInfo, Task
 from corral.types import CheckStatus, DesiredState, TaskState
@@ -169,11 +174,19 @@ class AgentMonitor:
         output = f"Agent not heard from for {silent_for:.1f}s; declared failed by the server"
         await self.state.update_check(node, SERF_HEALTH_ID, CheckStatus.CRITICAL, output)
         await self.state.deregister_agent(node)
-        lost = await lose_tasks(self.state, node, f"agent on node {node} failed: no heartbeat for {silent_for:.1f}s")
-        log.info("agent failure handled node=%s tasks_lost=%d", node, len(lost))
+        partition_aware = {
+            framework.id for framework in self.state.frameworks() if PARTITION_AWARE in framework.capabilities
+        }
+        lost = await lose_tasks(self.state, node, f"agent on node {node} failed: no heartbeat for {silent_for:.1f}s",
+                                partition_aware=partition_aware)
+        unreachable = sum(1 for task in lost if task.state is TaskState.UNREACHABLE)
+        log.info("agent failure handled node=%s tasks_lost=%d tasks_unreachable=%d", node,
+                 len(lost) - unreachable, unreachable)
 
 
-async def lose_tasks(state: State, node: str, message: str) -> list[Task]:
+async def lose_tasks(
+    state: State, node: str, message: str, partition_aware: Collection[str] = frozenset()
+) -> list[Task]:
     """Mark the tasks of `node` that have not ended LOST with desired state STOP; return them.
 
     Tasks that have ended keep their state, a framework task that FAILED included.
@@ -182,26 +195,41 @@ async def lose_tasks(state: State, node: str, message: str) -> list[Task]:
     agent process that resumes (after a pause or a partition) still has their
     runners, reads desired STOP and kills them. An agent that restarts stops
     the executors of tasks that have ended, LOST ones included.
+
+    A started task of a framework in `partition_aware` (framework ids) becomes
+    UNREACHABLE instead and keeps its desired state, so that it runs on if its
+    agent comes back. A STAGING one becomes UNREACHABLE with desired STOP: it
+    may not have started, so the agent kills it on return.
     """
+    # NOTE: an UNREACHABLE task whose agent never comes back is kept for good (no state
+    # ends it and ended-task collection skips it); Mesos drops it with the agent after
+    # registry_max_agent_age.
     lost = []
     for task in state.tasks(node=node):
         # Task.ended, not TaskState.is_terminal: a framework task that FAILED has ended
         # and keeps that state, while a job task that FAILED is restarted in place.
-        if task.ended:
+        reachable_later = bool(task.framework_id) and task.framework_id in partition_aware
+        if task.ended or (reachable_later and task.state is TaskState.UNREACHABLE):
             continue
 
-        def lose(record: Task) -> None:
-            if record.ended:
+        def lose(record: Task, reachable_later: bool = reachable_later) -> None:
+            if record.ended or (reachable_later and record.state is TaskState.UNREACHABLE):
                 return
-            record.state = TaskState.LOST
-            record.desired = DesiredState.STOP
+            if not reachable_later:
+                record.state = TaskState.LOST
+                record.desired = DesiredState.STOP
+            else:
+                if record.state is TaskState.STAGING:
+                    record.desired = DesiredState.STOP
+                record.state = TaskState.UNREACHABLE
             record.message = message
 
         updated = await state.update_task(task.id, lose)
-        if updated is not None and updated.state is TaskState.LOST:
+        if updated is not None and updated.state in (TaskState.LOST, TaskState.UNREACHABLE):
             lost.append(updated)
-            log.info("task state changed task=%s job=%s node=%s from=%s to=LOST: %s",
-                     task.id, task.job, node, task.state.value, message)
+            log.info("task state changed task=%s job=%s framework=%s node=%s from=%s to=%s desired=%s: %s",
+                     task.id, task.job, task.framework_id or "-", node, task.state.value, updated.state.value,
+                     updated.desired.value, message)
     return lost
 
 

@@ -246,8 +246,6 @@ class Master:
         # Agents in the allocator, by node, with their hostname for offers.
         self._agents: dict[str, AgentInfo] = {}
         self._known_attributes: dict[str, dict[str, str]] = {}
-        # Nodes whose agent was declared failed and has not registered again.
-        self._failed_nodes: set[str] = set()
         # Frameworks removed while this server runs, so that a resubscription is turned away.
         self._removed: set[str] = set()
         # Task id -> monotonic time its pending status update was last sent.
@@ -398,7 +396,6 @@ class Master:
                                  attributes=attributes)
         self._known_attributes[agent.node] = attributes
         self._agents[agent.node] = agent
-        self._failed_nodes.discard(agent.node)
         for task in self.state.tasks(node=agent.node):
             self._sync_allocation(task)
         log.info("agent added to the allocator agent=%s cpus=%g mem=%d disk=%d reserved_roles=%s",
@@ -407,7 +404,6 @@ class Master:
     def _update_agent(self, agent: AgentInfo) -> None:
         previous = self._agents[agent.node]
         self._agents[agent.node] = agent
-        self._failed_nodes.discard(agent.node)
         if self._agent_resources(previous) == self._agent_resources(agent) and previous.reserved == agent.reserved:
             return
         try:
@@ -428,7 +424,6 @@ class Master:
             del self._allocations[task_id]
         failed = self.monitor is not None and node in self.monitor.failed
         if failed:
-            self._failed_nodes.add(node)
             for framework in self.frameworks.values():
                 framework.send(protocol.failure_event(node))
             log.info("agent failure sent to frameworks agent=%s frameworks=%d", node,
@@ -475,6 +470,31 @@ class Master:
             self._update_agent(agent)
         else:
             self._add_agent(agent)
+            await self._reach_tasks_again(node)
+
+    async def _reach_tasks_again(self, node: str) -> None:
+        """Turn the UNREACHABLE tasks of a returning agent that should still run back to RUNNING.
+
+        Their frameworks are partition-aware (corral.master.agents) and get
+        TASK_RUNNING, as Mesos sends when the agent registers again. The agent
+        kills those with desired STOP and reports them KILLED itself.
+        """
+        # NOTE: the agent's registration does not list the tasks it runs, so a task whose
+        # process ended during the partition is RUNNING until the agent reports its end.
+        message = f"agent on node {node} registered again"
+        for task in self.state.tasks(node=node):
+            if task.state is not TaskState.UNREACHABLE or task.desired is not DesiredState.RUN:
+                continue
+
+            def reach(record: Task) -> None:
+                if record.state is TaskState.UNREACHABLE and record.desired is DesiredState.RUN:
+                    record.state = TaskState.RUNNING
+                    record.message = message
+
+            updated = await self.state.update_task(task.id, reach)
+            if updated is not None and updated.state is TaskState.RUNNING:
+                log.info("task state changed task=%s framework=%s agent=%s from=UNREACHABLE to=RUNNING: %s",
+                         task.framework_task_id, task.framework_id, node, message)
 
     def _apply_node_change(self, event: Event) -> None:
         # Attributes come from the node's meta, which the agent may write after its agent record.
@@ -961,7 +981,7 @@ class Master:
         self.wake()
 
     async def kill(self, framework_id: str, call: dict[str, Any]) -> None:
-        """KILL: stop a task; a task the master does not know is answered with TASK_LOST."""
+        """KILL: stop a task. An unknown task gets TASK_LOST, and an UNREACHABLE one its current status."""
         framework = self.frameworks[framework_id]
         task_id = protocol.read_id(call.get("task_id"), "kill.task_id")
         task = self.state.task(store_task_id(framework_id, task_id))
@@ -975,6 +995,12 @@ class Master:
         if task.desired is not DesiredState.STOP:
             await self.state.set_desired([task.id], DesiredState.STOP)
             log.info("task kill requested task=%s framework=%s agent=%s", task_id, framework_id, task.node)
+        if task.state is TaskState.UNREACHABLE:
+            # The framework gets the task's current status, TASK_UNREACHABLE, as a reconciliation
+            # update. The kill takes effect when the agent registers again and sees desired STOP.
+            framework.send(protocol.update_event(self._status_without_uuid(task, framework)))
+            log.info("task kill deferred task=%s framework=%s agent=%s: the task is unreachable; its agent kills it "
+                     "if it registers again", task_id, framework_id, task.node)
 
     async def acknowledge(self, framework_id: str, call: dict[str, Any]) -> None:
         """ACKNOWLEDGE: stop resending a status update whose uuid the framework received."""
@@ -1176,8 +1202,6 @@ class Master:
         """Send an UPDATE for a task's new state, and keep it in the record until acknowledged."""
         state = task.state
         reason = _reason_of(task)
-        if state is TaskState.LOST and framework.partition_aware and task.node in self._failed_nodes:
-            state = TaskState.UNREACHABLE
         status = protocol.task_status(
             task.framework_task_id, protocol.state_name(state), agent_id=task.node,
             source=_source_of(task.state), reason=reason, message=task.message, with_uuid=True,
@@ -1185,8 +1209,6 @@ class Master:
         )
 
         def record_status(record: Task) -> None:
-            if record.state is TaskState.LOST and state is TaskState.UNREACHABLE:
-                record.state = state
             record.status = status
             record.status_acknowledged = False
 
