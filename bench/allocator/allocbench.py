@@ -1,4 +1,4 @@
-"""Benchmark the allocator with simulated agents and frameworks, and write docs/benchmarks-allocator.md.
+"""Benchmark the allocator with simulated agents and frameworks, and write its section of docs/benchmarks.md.
 
 Started by bench/allocator/run. Everything runs in this one process: the
 allocator from src/corral/master/allocator.py, simulated agents (added
@@ -33,7 +33,10 @@ sys.path.insert(0, str(ROOT / "src"))
 from corral.master.allocator import Allocation, Allocator, Offer, Resources  # noqa: E402
 from corral.master.master import tune_garbage_collector  # noqa: E402
 
-OUTPUT = ROOT / "docs" / "benchmarks-allocator.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pages import write_section  # noqa: E402
+
+OUTPUT = ROOT / "docs" / "benchmarks.md"
 
 AGENT = Resources(cpus=8, mem=16384, disk=102400, ports=[(31000, 32000)])
 TASK_CPUS = 0.5
@@ -266,7 +269,7 @@ def report(
         "",
         "The allocator (src/corral/master/allocator.py) placing fixed-size tasks on simulated",
         "agents for simulated frameworks, all in one process with no sockets. `bench/allocator/run`",
-        "writes this page, so run it again to refresh the figures rather than editing them.",
+        "writes this section, so run it again to refresh the figures rather than editing them.",
         "",
         f"Produced on {now} by:",
         "",
@@ -437,7 +440,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "CPython's defaults (default master)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each scenario; the median is shown (default 3)")
-    parser.add_argument("--write", action="store_true", help=f"write {OUTPUT.relative_to(ROOT)} as well as printing it")
+    parser.add_argument("--write", action="store_true", help=f"write the allocator section of {OUTPUT.relative_to(ROOT)} as well as printing it")
     args = parser.parse_args(argv)
     if min(args.agents, args.frameworks, args.roles, args.tasks, args.repeat) < 1:
         parser.error("--agents, --frameworks, --roles, --tasks and --repeat must be at least 1")
@@ -467,8 +470,8 @@ def main(argv: list[str]) -> int:
     page = report(args, scenarios, host, command)
     print(page)
     if args.write:
-        OUTPUT.write_text(page)
-        print(f"wrote {OUTPUT.relative_to(ROOT)}", file=sys.stderr)
+        write_section("allocator", page, OUTPUT)
+        print(f"wrote the allocator section of {OUTPUT.relative_to(ROOT)}", file=sys.stderr)
     return 0
 
 
