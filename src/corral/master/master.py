@@ -759,7 +759,7 @@ class Master:
         """Return the framework a call comes from, or raise CallError with the status Mesos returns."""
         framework = self.frameworks.get(framework_id)
         if framework is None:
-            # Mesos answers 400 with this text (src/master/http.cpp, Master::Http::scheduler).
+            # Mesos returns 400 with this text (src/master/http.cpp, Master::Http::scheduler).
             raise CallError(400, "Framework cannot be found")
         if framework.subscription is None:
             raise CallError(403, "Framework is not subscribed")
@@ -841,7 +841,7 @@ class Master:
     async def _validate_launches(
         self, framework: _Framework, offers: list[Offer], infos: list[Any]
     ) -> tuple[dict[str, list[TaskInfo]], list[Task]]:
-        """Check each TaskInfo against the offers; answer invalid ones with TASK_ERROR.
+        """Check each TaskInfo against the offers; reject invalid ones with a TASK_ERROR update.
 
         Returns the valid tasks grouped by the offer whose resources they
         use, and their Task records, in the order of the allocator's accepts.
@@ -997,7 +997,7 @@ class Master:
             log.info("task kill requested task=%s framework=%s agent=%s", task_id, framework_id, task.node)
         if task.state is TaskState.UNREACHABLE:
             # The framework gets the task's current status, TASK_UNREACHABLE, as a reconciliation
-            # update. The kill takes effect when the agent registers again and sees desired STOP.
+            # update. The kill takes effect when the agent registers again and reads desired STOP.
             framework.send(protocol.update_event(self._status_without_uuid(task, framework)))
             log.info("task kill deferred task=%s framework=%s agent=%s: the task is unreachable; its agent kills it "
                      "if it registers again", task_id, framework_id, task.node)
