@@ -22,6 +22,7 @@ from corral.client.core import (
     raise_for_status,
 )
 from corral.client.models import Check, KVPair, ServiceInstance
+from corral.client.watch import Watch
 
 T = TypeVar("T")
 
@@ -212,3 +213,25 @@ def kv_delete(key: str, *, recurse: bool = False, cas: int | None = None) -> Cal
         query.append(("cas", str(cas)))
     request = Request("DELETE", f"/v1/kv/{key}", query=query)
     return Call(request, _decode_bool(request))
+
+
+def key_watch(key: str, wait: float, min_interval: float) -> Watch:
+    """Build the watch of one KV key that both clients run: its entry, or None while it does not exist."""
+    return Watch(
+        f"key {key}",
+        lambda index, wait: kv_get(key, index=index, wait=wait).request,
+        kv_get(key).decode,
+        wait,
+        min_interval,
+    )
+
+
+def service_watch(name: str, passing: bool, tag: str | None, wait: float, min_interval: float) -> Watch:
+    """Build the watch of one service's instances that both clients run."""
+    return Watch(
+        f"service {name}",
+        lambda index, wait: health_service(name, passing=passing, tag=tag, index=index, wait=wait).request,
+        health_service(name, passing=passing, tag=tag).decode,
+        wait,
+        min_interval,
+    )

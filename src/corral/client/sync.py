@@ -202,28 +202,13 @@ class Client:
         Each read blocks up to `wait` seconds on the server. An unreachable
         server and 5xx errors are retried with backoff; other errors are raised.
         """
-        watch = Watch(
-            f"key {key}",
-            lambda index, wait: operations.kv_get(key, index=index, wait=wait).request,
-            operations.kv_get(key).decode,
-            wait,
-            min_interval,
-        )
-        return self._watch(watch)
+        return self._watch(operations.key_watch(key, wait, min_interval))
 
     def watch_service(self, name: str, *, passing: bool = True, tag: str | None = None,
                       wait: float = DEFAULT_WAIT,
                       min_interval: float = DEFAULT_MIN_INTERVAL) -> Iterator[list[ServiceInstance]]:
         """Yield the service's instances (only passing ones when `passing`) now and on each change."""
-        watch = Watch(
-            f"service {name}",
-            lambda index, wait: operations.health_service(name, passing=passing, tag=tag, index=index,
-                                                          wait=wait).request,
-            operations.health_service(name, passing=passing, tag=tag).decode,
-            wait,
-            min_interval,
-        )
-        return self._watch(watch)
+        return self._watch(operations.service_watch(name, passing, tag, wait, min_interval))
 
     def _watch(self, watch: Watch[T]) -> Iterator[T]:
         """Run `watch` until the client is closed; waits are cut short by close()."""
