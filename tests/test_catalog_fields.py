@@ -109,7 +109,7 @@ def dns_srv(cluster: DevProcess, name: str, over_tcp: bool = False) -> dns.messa
 
 
 def srv_weights(response: dns.message.Message) -> dict[int, int]:
-    """Return port -> SRV weight of the answer section."""
+    """Return the SRV weight of each port in the response's answer section."""
     return {
         record.port: record.weight
         for rrset in response.answer

@@ -210,7 +210,7 @@ async def test_closed_store_rejects_requests(tmp_path):
         await store.put(b"k", b"v")
 
 
-async def test_read_only_txn_answers_after_the_write_it_read_commits(store):
+async def test_read_only_txn_waits_for_commit(store):
     write = asyncio.ensure_future(store.put(b"pending", b"v"))
     await asyncio.sleep(0)  # the put is applied in memory, its batch not yet committed
     result = await store.txn([], [Get(b"pending")])
@@ -219,7 +219,7 @@ async def test_read_only_txn_answers_after_the_write_it_read_commits(store):
     assert store.revision == result.revision
 
 
-async def test_failed_commit_stops_writes_and_keeps_what_was_committed(tmp_path):
+async def test_failed_commit_stops_writes(tmp_path):
     path = tmp_path / "state.db"
     store = SQLiteStore(path)
     await store.open()

@@ -163,7 +163,7 @@ def render(args: argparse.Namespace, figures: dict, machine: dict[str, str], sta
            wall_seconds: float, versions: dict[str, str]) -> str:
     load: LoadResult = figures["load"]
     rounds: list[dict] = figures["wakes"]
-    # The round with the median time to the last answer; a failed round counts as the slowest.
+    # The round with the median time to the last response. A failed round counts as the slowest.
     ranked = sorted(rounds, key=lambda result: result.get("last_s", math.inf) if "failed" not in result else math.inf)
     wake = ranked[len(ranked) // 2]
     instances = args.nodes * args.per_node

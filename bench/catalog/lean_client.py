@@ -60,7 +60,7 @@ class ResponseHead:
 class LeanWatchers(Watchers):
     """Watcher state, plus the byte counts and the completion that the lean protocol keeps."""
 
-    # Total bytes of each response that counted as answered, headers included.
+    # Total bytes of each response that arrived complete, headers included.
     response_bytes: list[int] = field(default_factory=list)
     # Every byte read from the watcher connections, from the write until the wake-up ends.
     received_bytes: int = 0

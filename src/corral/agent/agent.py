@@ -75,8 +75,8 @@ class Agent:
         self.registry = LocalRegistry(
             connection, Node(node, address, datacenter), registry_config, persist_path=self.data_dir / "registry.json"
         )
-        # Custom executors of framework tasks; whoever serves the agent's HTTP API sets their
-        # endpoint, and `corral dev` replaces the reporter with one that calls its master directly.
+        # Custom executors of framework tasks. The process that serves the agent's HTTP API sets
+        # their endpoint, and `corral dev` replaces the reporter with one that calls its master directly.
         base_url = getattr(connection, "base_url", None)
         self.executors = ExecutorManager(
             connection, node, address, self.data_dir / "executors",

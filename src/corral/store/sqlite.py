@@ -310,8 +310,8 @@ class SQLiteStore(Store):
         if error is None:
             if batch.events:
                 self._committed = batch.revision
-            # Watchers hear of a revision before its writer's await returns, so a
-            # caller that waits for its own revision in a watch-fed view never waits long.
+            # Watchers are given the revision before its writers' futures resolve, so a
+            # writer that then waits for its revision in a watch-fed view finds it queued.
             for events in batch.published:
                 self._publish(events)
             for future, value in batch.waiters:
