@@ -113,22 +113,26 @@ def flag_present(request: web.Request, name: str) -> bool:
     return request.query[name].lower() not in ("false", "0")
 
 
-def parse_uint(request: web.Request, name: str, message: str, empty_allowed: bool = False) -> int | None:
-    """Read an unsigned integer query parameter, or raise 400 with Consul's `message`.
+def parse_uint(
+    request: web.Request, name: str, message: str, empty_allowed: bool = False, exact_message: bool = False
+) -> int | None:
+    """Read an unsigned integer query parameter, or raise 400 with `message` and the value given.
 
     Returns None when the parameter is absent. Like Consul, which parses ?cas and
     ?flags whenever they are present, an empty value is invalid unless `empty_allowed`.
+    With `exact_message`, the error is `message` alone, for texts that Consul clients match.
     """
     text = request.query.get(name)
     if text is None or (text == "" and empty_allowed):
         return None
+    error = message if exact_message else f"{message}, got {text!r}"
     # str.isdigit() also accepts digits of other scripts and superscripts, which Go's
     # ParseUint rejects and int() either rejects or reads as other numbers.
     if not (text.isascii() and text.isdigit()):
-        raise text_error(400, message)
+        raise text_error(400, error)
     value = int(text)
     if value >= 2**64:
-        raise text_error(400, message)
+        raise text_error(400, error)
     return value
 
 
@@ -144,7 +148,7 @@ def check_consistency(request: web.Request) -> None:
 
 def blocking_params(request: web.Request) -> tuple[int | None, float]:
     """Read `?index` and `?wait`; return the index (None if absent) and the wait in seconds."""
-    index = parse_uint(request, "index", "Invalid index", empty_allowed=True)
+    index = parse_uint(request, "index", "Invalid index", empty_allowed=True, exact_message=True)
     wait = DEFAULT_WAIT
     text = request.query.get("wait")
     if text:
