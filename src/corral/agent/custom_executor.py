@@ -88,7 +88,7 @@ _EXECUTOR_STATES = frozenset({
 
 
 class ExecutorCallError(Exception):
-    """An executor call that the agent rejects; `status` is the HTTP status to respond with."""
+    """An executor call that the agent rejects. `status` is the HTTP status to respond with."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -104,7 +104,7 @@ class ExecutorReporter(abc.ABC):
 
     @abc.abstractmethod
     async def framework_message(self, framework_id: str, agent_id: str, executor_id: str, data: str) -> bool:
-        """Send base64 `data` to the framework as a MESSAGE event; return whether it was connected."""
+        """Send base64 `data` to the framework as a MESSAGE event. Return whether the framework was connected."""
 
     @abc.abstractmethod
     async def executor_exited(self, framework_id: str, agent_id: str, executor_id: str, status: int | None) -> None:
@@ -172,7 +172,7 @@ class LocalExecutorReporter(ExecutorReporter):
 
 
 class ExecutorStream(EventQueue):
-    """The event stream of one SUBSCRIBE call; the HTTP handler writes what `next` returns."""
+    """The event stream of one SUBSCRIBE call. The HTTP handler writes what `next` returns."""
 
 
 @dataclass
@@ -206,7 +206,7 @@ class ExecutorRun:
     shutting_down: bool = False
     # Whether tasks left when the process exits end KILLED (a requested shutdown) instead of FAILED.
     kill_tasks_on_exit: bool = False
-    # Tasks launched while this run shuts down; a new run starts them once this one exited.
+    # Tasks launched while this run shuts down. A new run starts them once this one has exited.
     pending: dict[str, Task] = field(default_factory=dict)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -221,7 +221,7 @@ class ExecutorRun:
         return self.sandbox.name
 
     def send(self, event: dict[str, Any]) -> bool:
-        """Send an event to the subscribed executor; return False when it is not subscribed."""
+        """Send an event to the subscribed executor. Return False when it is not subscribed."""
         if self.stream is None or self.stream.closed:
             return False
         self.stream.send(event)
@@ -229,7 +229,7 @@ class ExecutorRun:
 
 
 def run_folder_name(framework_id: str, executor_id: str) -> str:
-    """Return the sandbox folder name of an executor; ids are validated, so neither contains '/'.
+    """Return the sandbox folder name of an executor. Ids are validated, so neither contains '/'.
 
     NOTE: the tasks of a custom executor have no sandbox of their own, so
     GET /v1/tasks/ID/logs does not find their output. The executor writes it
@@ -469,7 +469,7 @@ class ExecutorManager:
         return env
 
     async def _start(self, run: ExecutorRun) -> None:
-        """Start the executor's process, then watch it; its tasks fail when it cannot start."""
+        """Start the executor's process, then watch it. Its tasks fail when it cannot start."""
         command = run.info.get("command") or {}
         try:
             if not self.endpoint:
@@ -487,7 +487,7 @@ class ExecutorManager:
                 sandbox=run.sandbox,
                 kill_timeout=PROCESS_KILL_TIMEOUT,
                 job=SANDBOX_JOB,
-                # NOTE: the executor's process gets no CPU or memory limit; Mesos sizes an
+                # NOTE: the executor's process gets no CPU or memory limit. Mesos sizes an
                 # executor's container to the resources of the executor and all its tasks.
                 use_cgroups=self.use_cgroups,
             )
@@ -658,7 +658,10 @@ class ExecutorManager:
             run.send({"type": "SHUTDOWN"})
 
     def unsubscribed(self, run: ExecutorRun, stream: ExecutorStream) -> None:
-        """Forget a subscription whose connection closed; the executor gets the registration timeout to return."""
+        """Forget a subscription whose connection closed.
+
+        The executor gets the registration timeout to subscribe again.
+        """
         stream.close()
         if run.stream is not stream:
             return
@@ -788,7 +791,7 @@ class ExecutorManager:
         await self._close_reporter()
 
     async def stop(self) -> None:
-        """Shut every executor down; their tasks that have not ended become KILLED."""
+        """Shut every executor down. Their tasks that have not ended become KILLED."""
         self._stopping = True
         runs = list(self.runs.values())
         if runs:

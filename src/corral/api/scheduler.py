@@ -1,7 +1,7 @@
 """Mesos's v1 scheduler HTTP API, in JSON, and the operator views of frameworks and roles.
 
     POST /api/v1/scheduler    SUBSCRIBE returns 200 with a RecordIO event stream and a
-                              Mesos-Stream-Id header; every other call returns 202
+                              Mesos-Stream-Id header. Every other call returns 202.
     GET  /v1/frameworks       the frameworks with their tasks, resources and DRF shares
     GET  /v1/roles            the roles with their weights, frameworks and DRF shares
     POST /v1/frameworks/ID/executor-messages  an agent passes an executor's MESSAGE to its framework

@@ -5,19 +5,20 @@ store: agents join, change and leave it as their records do, and every task
 that has not ended uses its resources on its agent. Job tasks count against
 the internal framework JOBS_FRAMEWORK_ID. corral's job scheduler subscribes
 as that framework in-process (subscribe_jobs) and places job tasks on its
-offers; without it, the framework stays inactive and gets no offers.
+offers. Without it, the framework stays inactive and gets no offers.
 
 Frameworks subscribe with Mesos's FrameworkInfo and receive events on a
-Subscription; corral.api.scheduler turns that into the v1 scheduler API's
+Subscription. corral.api.scheduler turns that into the v1 scheduler API's
 RecordIO stream, and an in-process framework can use the same calls. The
 allocation loop runs every `allocation_interval` seconds and at once after
 a change: a new agent or framework, freed resources, a revive. It sends the
 allocator's offers as OFFERS events and the offers it takes back as RESCIND.
 
 Status updates come from the store: when an agent changes the state of a
-framework's task, the master sends an UPDATE with a fresh uuid and keeps it
-in the task record until the framework acknowledges that uuid, resending it
-every `status_retry_interval` seconds while the framework is connected.
+framework's task, the master sends an UPDATE with a fresh uuid. The task
+record keeps that uuid until the framework acknowledges it, and the master
+resends the update every `status_retry_interval` seconds while the framework
+is connected.
 
 A framework whose stream drops is deactivated (its offers rescinded) and
 removed once its failover_timeout passes, which kills its tasks, as in
@@ -96,7 +97,7 @@ JOBS_ROLE = "corral-jobs"
 
 _SUPPORTED_OPERATIONS = ("LAUNCH",)
 
-# The maximum number of framework messages one task record keeps for its executor; the oldest go first.
+# The maximum number of framework messages one task record keeps for its executor. The oldest are dropped first.
 MAX_EXECUTOR_MESSAGES = 100
 
 TASK_KILLING_STATE = "TASK_KILLING_STATE"
@@ -111,7 +112,7 @@ class FrameworkRejected(ProtocolError):
 
 
 class CallError(Exception):
-    """A call the master rejects; `status` is the HTTP status the scheduler API returns for it."""
+    """A call the master rejects. `status` is the HTTP status the scheduler API returns for it."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -134,15 +135,15 @@ def tune_garbage_collector() -> None:
 
 @dataclass
 class MasterConfig:
-    # Seconds between allocation cycles; a change also starts one at once.
+    # Seconds between allocation cycles. A change also starts a cycle at once.
     allocation_interval: float = DEFAULT_ALLOCATION_INTERVAL
-    # Seconds after which an unanswered offer is rescinded; None keeps offers until the framework replies.
+    # Seconds after which an offer not accepted or declined is rescinded. None keeps offers until the framework replies.
     offer_timeout: float | None = DEFAULT_OFFER_TIMEOUT
     # Seconds between resends of a status update that the framework has not acknowledged.
     status_retry_interval: float = DEFAULT_STATUS_RETRY_INTERVAL
     # Seconds between HEARTBEAT events on a subscription stream.
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
-    # Weight of each role in the DRF order; roles not listed weigh 1.
+    # Weight of each role in the DRF order. Roles not listed have weight 1.
     role_weights: dict[str, float] = field(default_factory=dict)
     # Quota limits by role: offers never take a role's consumption over them.
     role_quotas: dict[str, Quota] = field(default_factory=dict)
@@ -162,7 +163,7 @@ class MasterConfig:
 class Subscription(EventQueue):
     """The event stream of one subscribed framework.
 
-    The master puts events in; the scheduler API (or an in-process framework)
+    The master puts events in, and the scheduler API (or an in-process framework)
     takes them out with `next`. `close` ends the stream after the events queued,
     and after an ERROR event when given an error.
     """
@@ -339,7 +340,7 @@ class Master:
     # --- Allocation -----------------------------------------------------------------------
 
     def allocate(self, now: float | None = None) -> list[Offer]:
-        """Run one allocation cycle; send its offers and the offers it timed out."""
+        """Run one allocation cycle: send RESCIND for the offers it timed out, then send its new offers."""
         now = self.clock() if now is None else now
         cycle = self.allocator.allocate(now)
         self.counters.observe_cycle(cycle.seconds)
@@ -569,8 +570,8 @@ class Master:
         try:
             self._allocations[task.id] = self._add_task_allocation(framework_id, task.node, resources)
         except InvalidRequestError as exc:
-            # NOTE: a job task's agent chooses its ports after the offer was accepted, so a
-            # framework can launch on one of those ports at the same moment; both then run.
+            # NOTE: a job task's agent chooses its ports after the offer was accepted. A framework
+            # can therefore launch on one of those ports at the same moment, and both tasks then run.
             log.warning("task resources not counted task=%s agent=%s: %s", task.id, task.node, exc)
 
     def _add_task_allocation(self, framework_id: str, node: str, resources: Resources) -> Allocation:
@@ -591,7 +592,7 @@ class Master:
     # --- Subscriptions -------------------------------------------------------------------------------
 
     async def subscribe(self, framework_info: Any) -> Subscription:
-        """Subscribe a framework (new, or resuming with framework_info.id); return its event stream.
+        """Subscribe a framework (new, or resuming with framework_info.id) and return its event stream.
 
         The first event is SUBSCRIBED, followed by the unacknowledged status
         updates of its tasks. A resumed framework's previous stream gets an
@@ -643,7 +644,7 @@ class Master:
     # --- corral's own job scheduler as a framework -------------------------------------------------
 
     def subscribe_jobs(self) -> Subscription:
-        """Connect the job scheduler as the internal framework JOBS_FRAMEWORK_ID; return its event stream.
+        """Connect the job scheduler as the internal framework JOBS_FRAMEWORK_ID and return its event stream.
 
         It starts suppressed: the job scheduler revives it while instances wait for resources.
         """
@@ -674,7 +675,7 @@ class Master:
             self.allocator.suppress(JOBS_FRAMEWORK_ID)
 
     async def accept_job_tasks(self, offer_id: str, tasks: list[Task]) -> bool:
-        """Launch job tasks on one of the job scheduler's offers; False when the offer is gone.
+        """Launch job tasks on one of the job scheduler's offers. Return False when the offer is gone.
 
         The rest of the offer returns at once, with no refuse filter. Job tasks
         take no ports from the offer: their agent picks them, and the allocator
@@ -746,8 +747,8 @@ class Master:
             if not task.ended and task.desired is DesiredState.RUN:
                 await self.state.set_desired([task.id], DesiredState.STOP)
         self.counters.offers_rescinded += len(self.allocator.remove_framework(framework_id))
-        # The allocator released what the tasks held; until their agents stop them, the
-        # internal jobs framework holds it, so that offers leave it out.
+        # The allocator released the resources the tasks used. Until their agents stop them, the
+        # internal jobs framework counts those resources as used, so that offers leave them out.
         for task in tasks:
             self._allocations.pop(task.id, None)
             self._sync_allocation(self.state.task(task.id) or task)
@@ -841,7 +842,7 @@ class Master:
     async def _validate_launches(
         self, framework: _Framework, offers: list[Offer], infos: list[Any]
     ) -> tuple[dict[str, list[TaskInfo]], list[Task]]:
-        """Check each TaskInfo against the offers; reject invalid ones with a TASK_ERROR update.
+        """Check each TaskInfo against the offers and reject invalid ones with a TASK_ERROR update.
 
         Returns the valid tasks grouped by the offer whose resources they
         use, and their Task records, in the order of the allocator's accepts.
@@ -866,7 +867,7 @@ class Master:
                 problem = self._executor_problem(framework, info, agent_id, starting)
             chosen = None
             if not problem:
-                # NOTE: each task must fit in one of the offers; Mesos also accepts a task whose
+                # NOTE: each task must fit in one of the offers. Mesos also accepts a task whose
                 # resources come from several offers of the agent together.
                 chosen = next((oid for oid, left in remaining.items() if left.contains(info.held_resources)), None)
                 if chosen is None:
@@ -1084,7 +1085,7 @@ class Master:
         """Check a task's ExecutorInfo against the executor's other tasks, and mark it when it starts the executor.
 
         As in Mesos, every task of one executor on one agent names the same
-        ExecutorInfo; the task that starts the executor also uses its resources.
+        ExecutorInfo. The task that starts the executor also uses the executor's resources.
         """
         assert info.executor is not None
         executor_id = info.executor.executor_id
@@ -1136,12 +1137,13 @@ class Master:
         }
 
     async def message(self, framework_id: str, call: dict[str, Any]) -> None:
-        """MESSAGE: record data for an executor, which its agent delivers; dropped when it has no live task.
+        """MESSAGE: record data for an executor, for its agent to deliver.
 
-        Delivery is at most once, as in Mesos: the agent skips messages whose
-        seq it has passed, and a task record keeps only its latest
-        MAX_EXECUTOR_MESSAGES messages, so a burst the agent has not read yet
-        loses its oldest.
+        The data is dropped when the executor has no live task.
+        Delivery is at most once, as in Mesos. The agent (corral.agent.custom_executor)
+        skips messages whose seq it has already delivered. A task record keeps only
+        its latest MAX_EXECUTOR_MESSAGES messages, so a burst that the agent has
+        not read yet loses its oldest messages.
         """
         agent_id = protocol.read_id(call.get("agent_id"), "message.agent_id")
         executor_id = protocol.read_id(call.get("executor_id"), "message.executor_id")
@@ -1162,7 +1164,7 @@ class Master:
                  framework_id, executor_id, agent_id, len(data) * 3 // 4)
 
     async def shutdown(self, framework_id: str, call: dict[str, Any]) -> None:
-        """SHUTDOWN: have the agent shut an executor down; its tasks that have not ended are killed."""
+        """SHUTDOWN: have the agent shut an executor down, which kills its tasks that have not ended."""
         agent_id = protocol.read_id(call.get("agent_id"), "shutdown.agent_id")
         executor_id = protocol.read_id(call.get("executor_id"), "shutdown.executor_id")
         tasks = self._executor_tasks(framework_id, agent_id, executor_id)
@@ -1177,7 +1179,10 @@ class Master:
                  framework_id, executor_id, agent_id, len(tasks))
 
     def executor_message(self, framework_id: str, agent_id: str, executor_id: str, data: str) -> bool:
-        """Send an executor's message to its framework as a MESSAGE event; False when the framework is not connected."""
+        """Send an executor's message to its framework as a MESSAGE event.
+
+        Return False when the framework is not connected.
+        """
         framework = self.frameworks.get(framework_id)
         if framework is None or not framework.connected:
             log.warning("executor message dropped framework=%s executor=%s agent=%s: the framework is not connected",
@@ -1223,7 +1228,10 @@ class Master:
     async def _send_master_update(
         self, framework: _Framework, task_id: str, state: str, reason: str, message: str
     ) -> None:
-        """Send an update about a task that has no record, such as an invalid launch; none needs an ack."""
+        """Send an update about a task that has no record, such as an invalid launch.
+
+        The update needs no acknowledgement.
+        """
         framework.send(protocol.update_event(protocol.task_status(
             task_id, state, reason=reason, message=message,
         )))

@@ -6,7 +6,7 @@ them: ids are objects such as {"value": "..."}, resources are a list of
 {"name", "type", "scalar" | "ranges"}, task states are TASK_RUNNING and so
 on, and the status uuid is base64.
 
-Everything here converts between that JSON and corral's own types; the
+Everything here converts between that JSON and corral's own types, and the
 Master decides what to do with it.
 """
 
@@ -52,7 +52,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ProtocolError(ValueError):
-    """A call or a field that does not follow the v1 scheduler API; the message names the field."""
+    """A call or a field that does not follow the v1 scheduler API. The message names the field."""
 
 
 # --- Small readers ------------------------------------------------------------------
@@ -121,7 +121,7 @@ def _resource_list(resources: Resources, reserved_for: str | None) -> list[dict]
 
 
 def resources_from_json(value: Any, path: str) -> Resources:
-    """Parse a Resource list with cpus, mem, disk and ports; other names raise ProtocolError."""
+    """Parse a Resource list with cpus, mem, disk and ports. Other names raise ProtocolError."""
     cpus = mem = disk = 0.0
     ports: list[tuple[int, int]] = []
     for index, item in enumerate(read_list(value, path)):
@@ -230,10 +230,10 @@ class TaskInfo:
 
 
 def parse_task_info(value: Any, path: str) -> TaskInfo:
-    """Validate one TaskInfo; raise ProtocolError naming the first invalid field.
+    """Validate one TaskInfo, raising ProtocolError that names the first invalid field.
 
     A task names exactly one of a CommandInfo (`command`) and an ExecutorInfo
-    (`executor`), as in Mesos; containers are not supported.
+    (`executor`), as in Mesos. Containers are not supported.
     """
     info = read_object(value, path)
     task_id = read_id(info.get("task_id"), f"{path}.task_id")
@@ -271,7 +271,7 @@ def parse_task_info(value: Any, path: str) -> TaskInfo:
 
 
 def parse_executor_info(value: Any, path: str) -> ExecutorSpec:
-    """Validate an ExecutorInfo of a custom executor; raise ProtocolError naming the first invalid field."""
+    """Validate an ExecutorInfo of a custom executor, raising ProtocolError that names the first invalid field."""
     info = read_object(value, path)
     executor_id = read_id(info.get("executor_id"), f"{path}.executor_id")
     if not _TASK_ID.fullmatch(executor_id):
@@ -339,7 +339,7 @@ def _parse_command(value: Any, path: str) -> tuple[dict[str, Any], dict[str, str
 
 
 def argv_of(command: Mapping[str, Any]) -> list[str]:
-    """Return the program and arguments of a parsed CommandInfo; a shell command runs under /bin/sh -c."""
+    """Return the program and arguments of a parsed CommandInfo. A shell command runs under /bin/sh -c."""
     if command.get("shell", True):
         return ["/bin/sh", "-c", command["value"]]
     arguments = list(command.get("arguments", []))
@@ -362,7 +362,7 @@ def task_status(
     now: float | None = None,
     executor_id: str = "",
 ) -> dict[str, Any]:
-    """Build a TaskStatus; one `with_uuid` must be acknowledged by the framework."""
+    """Build a TaskStatus. The framework must acknowledge a status built `with_uuid`."""
     status: dict[str, Any] = {
         "task_id": id_message(task_id),
         "state": state,
@@ -417,7 +417,7 @@ def failure_event(agent_id: str) -> dict:
 
 
 def executor_failure_event(agent_id: str, executor_id: str, status: int | None) -> dict:
-    """Build the FAILURE event of an executor that exited; `status` is its wait status when known."""
+    """Build the FAILURE event of an executor that exited. `status` is its wait status when known."""
     failure: dict[str, Any] = {"agent_id": id_message(agent_id), "executor_id": id_message(executor_id)}
     if status is not None:
         failure["status"] = status
@@ -425,7 +425,7 @@ def executor_failure_event(agent_id: str, executor_id: str, status: int | None) 
 
 
 def message_event(agent_id: str, executor_id: str, data: str) -> dict:
-    """Build the MESSAGE event of an executor's message to its framework; `data` is base64."""
+    """Build the MESSAGE event of an executor's message to its framework. `data` is base64."""
     return {"type": "MESSAGE", "message": {"agent_id": id_message(agent_id),
                                            "executor_id": id_message(executor_id), "data": data}}
 

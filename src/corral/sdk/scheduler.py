@@ -52,7 +52,7 @@ STREAM_ID_HEADER = "Mesos-Stream-Id"
 DEFAULT_HEARTBEAT_INTERVAL = 15.0
 
 class Scheduler:
-    """Callbacks of a framework scheduler; override those the framework needs.
+    """Callbacks of a framework scheduler. Override those the framework needs.
 
     Each may be a plain method or a coroutine. The driver calls them one at a
     time, in the order of the events, and a callback that raises is logged
@@ -66,7 +66,7 @@ class Scheduler:
         """Called on each later SUBSCRIBED event, after the driver reconnected."""
 
     def disconnected(self, driver: SchedulerDriver) -> None:
-        """Called when the event stream is lost; the driver then reconnects by itself."""
+        """Called when the event stream is lost. The driver then reconnects by itself."""
 
     def resource_offers(self, driver: SchedulerDriver, offers: list[Offer]) -> None:
         """Called with new offers. Use each with `launch`, or return it with `decline`."""
@@ -88,10 +88,10 @@ class Scheduler:
         """Called when the master declares an agent failed or removed."""
 
     def executor_lost(self, driver: SchedulerDriver, executor_id: str, agent_id: str, status: int | None) -> None:
-        """Called when an executor exits or is lost; `status` is its exit status when known."""
+        """Called when an executor exits or is lost. `status` is its exit status when known."""
 
     def error(self, driver: SchedulerDriver, message: str) -> None:
-        """Called on an ERROR event or a subscription that the master rejected; the driver then aborts."""
+        """Called on an ERROR event or a subscription that the master rejected. The driver then aborts."""
         log.error("framework %s: master reported an error: %s", driver.framework_id, message)
 
 
@@ -240,7 +240,7 @@ class SchedulerDriver(StreamDriver):
         self._call_lock = asyncio.Lock()
 
     def stop(self, failover: bool = False) -> None:
-        """Stop the driver; `run` then returns DriverStatus.STOPPED.
+        """Stop the driver, after which `run` returns DriverStatus.STOPPED.
 
         With `failover=False` the driver first sends TEARDOWN, so the master
         kills the framework's tasks and removes it. With `failover=True` it
@@ -306,8 +306,8 @@ class SchedulerDriver(StreamDriver):
         try:
             await self._check_subscribe_response(response)
             stream_id = response.headers[STREAM_ID_HEADER]
-            # The master may have redirected the request to the leader; calls follow it there.
-            # NOTE: aiohttp follows the 307 of a non-leading Mesos master; corral has
+            # The master may have redirected the request to the leader, so calls go to the final URL.
+            # NOTE: aiohttp follows the 307 of a non-leading Mesos master. corral has
             # one server, so no test covers a redirect.
             self._call_url = str(response.url.with_query(None))
             await self._read_events(response, stream_id)
@@ -422,7 +422,7 @@ class SchedulerDriver(StreamDriver):
             await self._invoke("agent_lost", agent_id)
 
     async def _on_error(self, body: Mapping[str, Any]) -> None:
-        # Mesos advises frameworks to abort on ERROR; the run loop calls `error`.
+        # Mesos advises frameworks to abort on ERROR, so this raises Aborted and the run loop calls `error`.
         raise Aborted(body.get("message", "the master sent an ERROR event without a message"))
 
     async def _on_heartbeat(self, body: Mapping[str, Any]) -> None:
@@ -430,7 +430,7 @@ class SchedulerDriver(StreamDriver):
 
     async def _on_unsupported(self, body: Mapping[str, Any]) -> None:
         # NOTE: inverse offers (maintenance) and operation status updates have no
-        # callbacks yet; corral's master does not send them.
+        # callbacks yet, because corral's master does not send them.
         log.debug("framework %s: ignoring an event that the SDK does not handle: %s", self.framework_id, body)
 
     _handlers = {
@@ -481,14 +481,14 @@ class SchedulerDriver(StreamDriver):
         return self._call({"type": "ACCEPT", "accept": accept})
 
     def decline(self, offer_ids: str | Offer | Iterable[str | Offer], refuse_seconds: float | None = None) -> asyncio.Task:
-        """Decline offers; the master offers those resources again after `refuse_seconds` (default 5)."""
+        """Decline offers. The master offers the resources again after `refuse_seconds` (default 5)."""
         decline: dict[str, Any] = {"offer_ids": _offer_ids(offer_ids)}
         if refuse_seconds is not None:
             decline["filters"] = _filters(refuse_seconds)
         return self._call({"type": "DECLINE", "decline": decline})
 
     def kill(self, task_id: str, agent_id: str | None = None) -> asyncio.Task:
-        """Ask the master to kill a task; its terminal state arrives as a status update."""
+        """Ask the master to kill a task. Its terminal state arrives as a status update."""
         kill: dict[str, Any] = {"task_id": id_json(task_id)}
         if agent_id:
             kill["agent_id"] = id_json(agent_id)
@@ -533,7 +533,7 @@ class SchedulerDriver(StreamDriver):
         return self._call(call)
 
     def message(self, agent_id: str, executor_id: str, data: bytes | str) -> asyncio.Task:
-        """Send data to a custom executor on an agent; it arrives as the executor's MESSAGE event.
+        """Send data to a custom executor on an agent, where it arrives as the executor's MESSAGE event.
 
         Delivery is not guaranteed, as in Mesos: the master drops a message for
         an executor that has no running task.
@@ -551,7 +551,7 @@ class SchedulerDriver(StreamDriver):
         }})
 
     def teardown(self) -> asyncio.Task:
-        """Remove the framework: the master kills its tasks and closes the stream; the driver then stops."""
+        """Remove the framework: the master kills its tasks and closes the stream, and the driver then stops."""
         task = self._call({"type": "TEARDOWN"})
         # The TEARDOWN is already on its way, so stopping must not send another.
         self.stop(failover=True)

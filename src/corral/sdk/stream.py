@@ -50,11 +50,11 @@ class NotSubscribedError(CallError):
 
 
 class StreamLost(Exception):
-    """The event stream ended or broke; the driver subscribes again."""
+    """The event stream ended or broke, so the driver subscribes again."""
 
 
 class Aborted(Exception):
-    """The master or agent rejected the subscription; retrying would not help."""
+    """The master or agent rejected the subscription, so retrying would not help."""
 
 
 def decode_events(decoder: RecordIODecoder, chunk: bytes) -> Iterator[dict[str, Any]]:
@@ -125,7 +125,7 @@ class StreamDriver:
         raise NotImplementedError
 
     def _drop_subscription(self) -> bool:
-        """Forget the current subscription; return whether there was one."""
+        """Forget the current subscription and return whether there was one."""
         raise NotImplementedError
 
     async def _stream_lost(self, reason: str) -> None:
@@ -236,7 +236,7 @@ class StreamDriver:
             delay = min(delay * 2, self._retry_max)
 
     def _stream_outcome(self, stream: asyncio.Task) -> str:
-        """Say why the stream ended; an Aborted error also sets the abort message."""
+        """Return why the stream ended. An Aborted error also sets the abort message."""
         error = stream.exception()
         if error is None:
             return f"the {self._peer} closed the event stream"
@@ -253,7 +253,7 @@ class StreamDriver:
     # Callbacks
 
     async def _invoke(self, callback: str, *args: Any) -> bool:
-        """Call a callback and await it if it is a coroutine; return False if it raised."""
+        """Call a callback and await it if it is a coroutine. Return False if it raised."""
         try:
             result = getattr(self._callbacks, callback)(self, *args)
             if inspect.isawaitable(result):
@@ -286,7 +286,7 @@ class StreamDriver:
         task.exception()
 
     async def _send_call(self, url: str, call: Mapping[str, Any], headers: Mapping[str, str]) -> int:
-        """POST one call and return its 2xx status; otherwise log and raise CallError."""
+        """POST one call and return its 2xx status. On any other outcome, log and raise CallError."""
         assert self._session is not None
         kind = call["type"]
         try:
