@@ -1,8 +1,8 @@
 """Weighted DRF under contention, on one `corral server` and three `corral agent` processes.
 
 Two corral.sdk frameworks, each in its own role, want more than the
-cluster has: they launch long `sleep` tasks as offers come until every
-agent is full. The dominant shares that /v1/roles reports must then match
+cluster has: they subscribe before any agent registers, then launch long
+`sleep` tasks as offers come until every agent is full. The dominant shares that /v1/roles reports must then match
 the tasks that run, and be equal for equal role weights and 2:1 for weights
 2 and 1, each within 10 %. A third case checks that a framework declining
 every offer with a 0.1 s filter does not keep a second framework from
@@ -36,12 +36,17 @@ def _agent_resources(ports: str) -> str:
     return f"cpus:{TASK_CPUS * TASKS_PER_AGENT:g};mem:{TASK_MEM * TASKS_PER_AGENT};disk:1000;ports:[{ports}]"
 
 
-def _start_cluster(folder, server_args: list[str]) -> ProcessCluster:
+def _start_cluster(folder, server_args: list[str], agents: bool = True) -> ProcessCluster:
     cluster = ProcessCluster(folder, server_args)
     cluster.start_server()
+    if agents:
+        _start_agents(cluster)
+    return cluster
+
+
+def _start_agents(cluster: ProcessCluster) -> None:
     for node, ports in AGENTS.items():
         cluster.start_agent(node, _agent_resources(ports))
-    return cluster
 
 
 def _running_by_framework(cluster: ProcessCluster) -> dict[str, int]:
@@ -53,8 +58,12 @@ def _running_by_framework(cluster: ProcessCluster) -> dict[str, int]:
 
 
 def _contend(cluster: ProcessCluster) -> tuple[dict[str, float], dict[str, int]]:
-    """Run a framework in role a and one in role b until the cluster is full.
+    """Subscribe a framework in role a and one in role b, start the agents, and run until the cluster is full.
 
+    Both frameworks are there before the first offer. Offered resources
+    count as held, so a framework that came later would catch up only as
+    fast as offers are accepted or declined, and could still be behind
+    when the cluster fills (see the NOTE in corral/master/allocator.py).
     Return the dominant shares of /v1/roles and the running tasks of each role.
     """
     url = f"http://{cluster.http}"
@@ -64,6 +73,7 @@ def _contend(cluster: ProcessCluster) -> tuple[dict[str, float], dict[str, int]]
             framework = FrameworkInfo(f"fair-{role}", roles=(role,))
             drivers[role] = ThreadedDriver(SleepFramework(TASK_CPUS, TASK_MEM), framework, url).start()
         started = time.monotonic()
+        _start_agents(cluster)
         wait_until(lambda: sum(_running_by_framework(cluster).values()) == CLUSTER_TASKS, FILL_TIMEOUT,
                    f"{CLUSTER_TASKS} running tasks")
         assert time.monotonic() - started < FILL_TIMEOUT
@@ -90,7 +100,7 @@ def folder(tmp_path):
 
 
 def test_equal_weights_equal_shares(folder):
-    cluster = _start_cluster(folder, [])
+    cluster = _start_cluster(folder, [], agents=False)
     try:
         shares, tasks = _contend(cluster)
     finally:
@@ -100,7 +110,7 @@ def test_equal_weights_equal_shares(folder):
 
 
 def test_weights_two_to_one(folder):
-    cluster = _start_cluster(folder, ["--role-weight", "a=2", "--role-weight", "b=1"])
+    cluster = _start_cluster(folder, ["--role-weight", "a=2", "--role-weight", "b=1"], agents=False)
     try:
         shares, tasks = _contend(cluster)
     finally:
