@@ -252,6 +252,9 @@ class ScriptedMaster:
         self.calls: list[tuple[dict, str | None]] = []
         self.subscribe_status: list[int] = []
         self.call_status = 202
+        # For each call, in order, whether the newest event stream was still open when it arrived.
+        self.stream_open: list[bool] = []
+        self._stream: web.Request | None = None
         self.new_call = asyncio.Event()
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -284,6 +287,8 @@ class ScriptedMaster:
         body = await request.json()
         if body["type"] != "SUBSCRIBE":
             self.calls.append((body, request.headers.get("Mesos-Stream-Id")))
+            self.stream_open.append(self._stream is not None and self._stream.transport is not None
+                                    and not self._stream.transport.is_closing())
             self.new_call.set()
             return web.Response(status=self.call_status, text="" if self.call_status == 202 else "rejected")
         number = len(self.subscribe_bodies)
@@ -296,6 +301,7 @@ class ScriptedMaster:
         response = web.StreamResponse(headers={"Mesos-Stream-Id": f"stream-{number}",
                                                "Content-Type": "application/json"})
         await response.prepare(request)
+        self._stream = request
         for event in script:
             if event == "hold":
                 await asyncio.sleep(3600)
@@ -680,6 +686,20 @@ async def test_stop_from_callback_acknowledges(master):
     assert master.calls_of("TEARDOWN") == []
 
 
+async def test_stop_from_callback_tears_down_on_open_stream(master):
+    master.subscriptions = [[subscribed(), update("t1", "TASK_RUNNING"), update("t2", "TASK_RUNNING"), "hold"]]
+
+    class StopOnRunning(Scheduler):
+        def status_update(self, driver, status):
+            driver.stop()
+
+    driver = _driver(master, StopOnRunning())
+    assert await asyncio.wait_for(driver.run(), 10) is DriverStatus.STOPPED
+    assert [call["type"] for call, _ in master.calls] == ["TEARDOWN"]
+    # A stream closed before the TEARDOWN reads to the master as a disconnection.
+    assert master.stream_open == [True]
+
+
 async def test_calls_while_reconnecting_rejected(master):
     master.subscriptions = [[subscribed(), b"x"]]
     master.subscribe_status = [200, 503, 503, 503, 503, 503, 503, 503, 503, 503]
@@ -947,6 +967,30 @@ async def test_real_teardown_kills_tasks(cluster):
     assert await _stop(driver, running, failover=False) is DriverStatus.STOPPED
     wait_until(lambda: not commands_running(cluster.folder, "sleep 120"), 15, "the torn-down task to stop")
     assert framework_id not in {entry["ID"] for entry in cluster.get("/v1/frameworks")}
+
+
+class StopWhenRunning(Launcher):
+    """Launches one task and stops its driver, without failover, from the status_update callback."""
+
+    def status_update(self, driver, status):
+        super().status_update(driver, status)
+        if status.state is TaskState.TASK_RUNNING:
+            driver.stop()
+
+
+async def test_real_stop_from_callback_tears_down(cluster):
+    # The framework has a failover timeout, so a master that saw the stream
+    # close before the TEARDOWN would keep it, disconnected, with its task.
+    scheduler = StopWhenRunning({"short-lived": "sleep 130"})
+    driver = _real_driver(f"http://{cluster.http}", scheduler, "sdk-stop-in-callback", failover_timeout=60)
+    running = await _start(driver)
+    assert await asyncio.wait_for(running, 30) is DriverStatus.STOPPED
+    framework_id = driver.framework_id
+    assert framework_id not in {entry["ID"] for entry in cluster.get("/v1/frameworks")}
+    wait_until(lambda: not commands_running(cluster.folder, "sleep 130"), 15, "the torn-down task to stop")
+    log = cluster.log("server")
+    assert f"framework teardown requested framework={framework_id}" in log
+    assert f"framework disconnected framework={framework_id}" not in log
 
 
 async def test_real_failover_stop_keeps_framework(cluster):

@@ -204,7 +204,10 @@ class SchedulerDriver(StreamDriver):
         self._call_url = self.master + SCHEDULER_PATH
         self._call_lock: asyncio.Lock | None = None
         self._failover = False
-        self._dispatching = False
+        # True once teardown() has sent its TEARDOWN, so that stopping sends no second one.
+        self._teardown_sent = False
+        # Set while no callback runs; created in _prepare_run, in the driver's loop.
+        self._callbacks_idle: asyncio.Event | None = None
 
     @property
     def framework_id(self) -> str | None:
@@ -238,6 +241,8 @@ class SchedulerDriver(StreamDriver):
 
     def _prepare_run(self) -> None:
         self._call_lock = asyncio.Lock()
+        self._callbacks_idle = asyncio.Event()
+        self._callbacks_idle.set()
 
     def stop(self, failover: bool = False) -> None:
         """Stop the driver, after which `run` returns DriverStatus.STOPPED.
@@ -270,19 +275,33 @@ class SchedulerDriver(StreamDriver):
                  self.framework_id, self.master, pause, reason)
 
     async def _end_stream(self, stream: asyncio.Task) -> None:
-        """Send TEARDOWN unless failing over, then end the stream, letting a running callback finish."""
-        if not self._failover and self.subscribed:
+        """Let a running callback finish, send TEARDOWN unless failing over, then close the stream.
+
+        The stream stays open until the master has the TEARDOWN, because a
+        stream closed first is a disconnection. The master would then keep
+        the framework for its failover timeout, or with a timeout of 0 remove
+        it before the TEARDOWN and the calls queued ahead of it arrive.
+        """
+        assert self._callbacks_idle is not None
+        if not stream.done():
+            try:
+                await asyncio.wait_for(self._callbacks_idle.wait(), self.call_timeout)
+            except TimeoutError:
+                log.warning("framework %s: stopping while a callback still runs, %gs after stop was requested",
+                            self.framework_id, self.call_timeout)
+        assert self._call_lock is not None
+        if self._teardown_sent:
+            # teardown() queued its TEARDOWN before requesting the stop, and calls
+            # take the lock in order, so the TEARDOWN's response has come once it is free.
+            async with self._call_lock:
+                pass
+        elif not self._failover and self.subscribed:
             try:
                 await self._post({"type": "TEARDOWN"}, self.stream_id)
                 log.info("framework %s: sent TEARDOWN", self.framework_id)
             except CallError as error:
                 log.warning("framework %s: TEARDOWN failed, the master keeps the framework until its "
                             "failover timeout: %s", self.framework_id, error)
-        if self._dispatching and not stream.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(stream), self.call_timeout)
-            except Exception:  # the stream's own errors do not matter once stopping
-                pass
         if not stream.done():
             stream.cancel()
         await asyncio.gather(stream, return_exceptions=True)
@@ -343,12 +362,17 @@ class SchedulerDriver(StreamDriver):
                 decoder.close()
                 return
             for event in decode_events(decoder, chunk):
+                if self._stop_requested.is_set():
+                    if self._failover:
+                        return
+                    # Stopping without failover: _end_stream sends TEARDOWN and
+                    # then cancels this task. Until then the stream is read and
+                    # its events are dropped, so the master detects no disconnection.
+                    continue
                 if event.get("type") == "SUBSCRIBED":
                     self.stream_id = stream_id
                     timeout = self._heartbeat_timeout(event.get("subscribed", {}))
                 await self._dispatch(event)
-                if self._stop_requested.is_set():
-                    return
             if decoder.error is not None:
                 raise decoder.error
 
@@ -363,11 +387,12 @@ class SchedulerDriver(StreamDriver):
         if handler is None:
             log.warning("framework %s: ignoring event of unknown type %r", self.framework_id, kind)
             return
-        self._dispatching = True
+        assert self._callbacks_idle is not None
+        self._callbacks_idle.clear()
         try:
             await handler(self, event.get(kind.lower(), {}) if isinstance(kind, str) else {})
         finally:
-            self._dispatching = False
+            self._callbacks_idle.set()
 
     async def _on_subscribed(self, subscribed: Mapping[str, Any]) -> None:
         framework_id = id_value(subscribed["framework_id"])
@@ -554,7 +579,8 @@ class SchedulerDriver(StreamDriver):
         """Remove the framework: the master kills its tasks and closes the stream, and the driver then stops."""
         task = self._call({"type": "TEARDOWN"})
         # The TEARDOWN is already on its way, so stopping must not send another.
-        self.stop(failover=True)
+        self._teardown_sent = True
+        self.stop()
         return task
 
     def _call(self, call: dict[str, Any]):
