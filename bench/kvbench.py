@@ -644,6 +644,10 @@ def render_conditions(results: Results, context: RunContext) -> list[str]:
         "- etcd is written in Go, which runs its goroutines on every core (GOMAXPROCS defaults to",
         "  the number of CPUs). `corral dev` serves HTTP on one Python event loop (uvloop) with one",
         "  SQLite writer thread, and it also runs its scheduler, agent and DNS server in that process.",
+        "  Its Python code runs under one interpreter lock, so about 1.0 core is all it can use.",
+        "- corral serves the PUTs and GETs of these tests on its lean HTTP path for plain",
+        "  reads and writes of one key (src/corral/api/fastkv.py). The wake-up's blocking GETs",
+        "  carry `?index`, so aiohttp serves them, as it serves every other request.",
         "- wrk, the watcher client and both servers share the machine's "
         f"{context.machine['logical CPUs (nproc)']} logical CPUs. wrk used at most "
         f"{busiest_wrk:.2f} cores in any measured run.",

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from corral.agent.agent import Agent
 from corral.api import build_app
+from corral.api.fastkv import FastKVServer
 from corral.dns.server import DNSConfig, DNSServer
 from corral.master.agents import DEFAULT_AGENT_TIMEOUT, AgentMonitor
 from corral.master.jobs import JobScheduler
@@ -91,7 +92,7 @@ class Server:
             self.state, config.dns_host, config.dns_port, config.dns, on_response=self.metrics.observe_dns_response
         )
         self.agent: Agent | None = None
-        self._runner: web.AppRunner | None = None
+        self._runner: HttpListener | None = None
         self._set_up = False
         self._started = False
 
@@ -159,26 +160,39 @@ class Server:
         self.log.info("%s stopped node=%s", self.name, self.config.node)
 
 
-async def start_listeners(app: web.Application, http_host: str, http_port: int, dns: DNSServer) -> web.AppRunner:
+class HttpListener:
+    """The HTTP address: the plain /v1/kv path of fastkv.py in front, and aiohttp for every other request."""
+
+    def __init__(self, runner: web.AppRunner, front: FastKVServer) -> None:
+        self.runner = runner
+        self.front = front
+
+    async def cleanup(self) -> None:
+        self.front.close()
+        await self.runner.cleanup()
+
+
+async def start_listeners(app: web.Application, http_host: str, http_port: int, dns: DNSServer) -> HttpListener:
     """Serve `app` on the HTTP address and start `dns`; raise ListenError naming a taken address."""
     # Blocking queries wait up to 10 minutes, and aiohttp waits for running handlers
     # when it stops (60 s by default), so they are cancelled after this many seconds.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT)
     await runner.setup()
+    assert runner.server is not None
+    listener = HttpListener(runner, FastKVServer(app, runner.server))
     # A deep accept queue, so that thousands of blocking queries connecting at once are
     # not dropped and retried a second later (aiohttp's default backlog is 128).
-    site = web.TCPSite(runner, http_host, http_port, reuse_address=True, backlog=socket.SOMAXCONN)
     try:
-        await site.start()
+        await listener.front.start(http_host, http_port, backlog=socket.SOMAXCONN)
     except OSError as exc:
-        await runner.cleanup()
+        await listener.cleanup()
         raise _address_error(exc, "HTTP", http_host, http_port, "--http-addr") from None
     try:
         await dns.start()
     except OSError as exc:
-        await runner.cleanup()
+        await listener.cleanup()
         raise _address_error(exc, "DNS", dns.address[0], dns.address[1], "--dns-addr") from None
-    return runner
+    return listener
 
 
 def _address_error(exc: OSError, what: str, host: str, port: int, flag: str) -> Exception:

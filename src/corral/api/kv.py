@@ -26,6 +26,7 @@ from corral.api.common import (
     state_of,
     text_error,
 )
+from corral.state import State
 from corral.state.kvlocks import InvalidSessionError
 from corral.state.records import KVEntry, kv_key
 
@@ -82,7 +83,7 @@ async def get_kv(request: web.Request) -> web.StreamResponse:
         separator = request.query.get("separator", request.query.get("seperator", ""))
         return _keys_response(state.kv_list(key), key, separator, index)
     if not recurse and "raw" not in request.query:
-        cached = _cached_body(request, key)
+        cached = cached_body(request.app[BODY_CACHE_KEY], state, key)
         if cached is not None:
             return _json_body_response(cached, index)
     entries = state.kv_list(key) if recurse else [e for e in [state.kv_get(key)] if e is not None]
@@ -107,13 +108,11 @@ BODY_CACHE_KEY = web.AppKey("kv_body_cache", dict)
 _BODY_CACHE_SIZE = 4096
 
 
-def _cached_body(request: web.Request, key: str) -> bytes | None:
+def cached_body(cache: dict[str, tuple[int, bytes]], state: State, key: str) -> bytes | None:
     """Return the JSON body of a GET of `key`, encoding it at most once per revision; None if missing."""
-    state = state_of(request)
     kv = state.view.get(kv_key(key))
     if kv is None:
         return None
-    cache: dict[str, tuple[int, bytes]] = request.app[BODY_CACHE_KEY]
     cached = cache.get(key)
     if cached is not None and cached[0] == kv.mod_revision:
         return cached[1]
