@@ -127,6 +127,7 @@ class _FastKVProtocol(asyncio.Protocol):
         self.closing = False
         self.reading_paused = False
         self.writing_paused = False
+        self.put_task: asyncio.Task | None = None
         self.idle_since: float | None = time.monotonic()
 
     # asyncio.Protocol
@@ -179,7 +180,8 @@ class _FastKVProtocol(asyncio.Protocol):
                 self._get(key)
             else:
                 self.busy = True
-                asyncio.get_running_loop().create_task(self._put(key, value))
+                # Held here, because the event loop keeps only a weak reference to a task.
+                self.put_task = asyncio.get_running_loop().create_task(self._put(key, value))
         if not self.busy:
             if self.reading_paused and self.transport is not None:
                 self.reading_paused = False
