@@ -112,6 +112,37 @@ async def test_concurrent_writes_get_distinct_revisions(store):
     assert sorted(revisions) == list(range(2, 202))
 
 
+async def test_batch_over_one_statement_survives_reopen(tmp_path):
+    path = tmp_path / "state.db"
+    first = SQLiteStore(path)
+    await first.open()
+    # One transaction of 250 puts and 150 concurrent single puts: several
+    # statements' worth of kv and event rows, in one or a few batches.
+    many = first.txn([], [Put(f"txn/{number:03d}".encode(), f"t{number}".encode()) for number in range(250)])
+    singles = [first.put(f"one/{number:03d}".encode(), f"o{number}".encode()) for number in range(150)]
+    await asyncio.gather(many, *singles)
+    await first.close()
+    second = SQLiteStore(path)
+    await second.open()
+    try:
+        kvs, revision = await second.range(b"txn/", prefix=True)
+        assert [kv.value for kv in kvs] == [f"t{number}".encode() for number in range(250)]
+        kvs, _ = await second.range(b"one/", prefix=True)
+        assert [kv.value for kv in kvs] == [f"o{number}".encode() for number in range(150)]
+        assert revision == 152
+        events = []
+        async for batch in second.watch(b"", start_revision=2):
+            events.extend(batch)
+            if len(events) == 400:
+                break
+        assert sorted(event.kv.key for event in events) == sorted(
+            [f"txn/{number:03d}".encode() for number in range(250)]
+            + [f"one/{number:03d}".encode() for number in range(150)]
+        )
+    finally:
+        await second.close()
+
+
 async def test_data_survives_reopen(tmp_path):
     path = tmp_path / "state.db"
     first = SQLiteStore(path)
