@@ -51,12 +51,15 @@ def test_unreachable_server_is_named():
     result = run_corral("kv", "get", "x", "--http-addr", "127.0.0.1:1")
     assert result.returncode == 1
     assert "127.0.0.1:1" in result.stderr
+    assert "is `corral dev` running?" in result.stderr
 
 
 def test_kv_get_missing_key_fails(small_cluster):
     result = small_cluster.cli("kv", "get", "no/such/key", check=False)
     assert result.returncode == 1
     assert "'no/such/key' not found" in result.stderr
+    # The server responded, so the hint for an unreachable server would mislead.
+    assert "running?" not in result.stderr
 
 
 def test_kv_put_get_delete(small_cluster):
@@ -137,6 +140,33 @@ def test_unplaced_instance_fails_run(small_cluster, tmp_path):
     assert "cannot be placed" in result.stderr
     assert "memory" in result.stderr
     small_cluster.cli("job", "stop", "sleepers")
+
+
+def test_crash_looping_task_fails_run(small_cluster, tmp_path):
+    # No check, so the task passes as soon as it runs; it exits half a second later.
+    path = write_job(tmp_path, """
+        name = "crasher"
+        [task]
+        command = "sh"
+        args = ["-c", "sleep 0.5; exit 3"]
+    """)
+    result = small_cluster.cli("job", "run", str(path), "--timeout", "60", check=False)
+    small_cluster.cli("job", "stop", "crasher")
+    assert result.returncode == 1, result.stdout
+    assert "keeps failing" in result.stderr
+    assert "running and passing" not in result.stdout
+
+
+def test_steady_task_passes_run(small_cluster, tmp_path):
+    path = write_job(tmp_path, """
+        name = "steady"
+        [task]
+        command = "sleep"
+        args = ["600"]
+    """)
+    result = small_cluster.cli("job", "run", str(path), "--min-healthy-time", "1")
+    small_cluster.cli("job", "stop", "steady")
+    assert "1 of 1 instances running and passing" in result.stdout
 
 
 def test_task_waits_for_kv_key(small_cluster, tmp_path):

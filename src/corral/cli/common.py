@@ -56,7 +56,7 @@ def http_addr_option(command):
             return command(client=client, **kwargs)
         except CorralError as exc:
             message = str(exc)
-            if exc.status is None:
+            if exc.unreachable:
                 message += f"; is `corral dev` running? Set {HTTP_ADDR_ENV} or --http-addr to its HTTP address"
             raise click.ClickException(message) from None
 

@@ -17,6 +17,9 @@ from corral.types import TaskState
 
 # An instance restarted this many times while `job run` waits counts as failing.
 FAILING_RESTARTS = 3
+# Seconds every instance must stay running and passing, with no restart, before `job run`
+# reports success, as Nomad's min_healthy_time (10 s by default there, shorter here for the demo).
+MIN_HEALTHY_TIME = 3.0
 
 
 @click.group()
@@ -39,8 +42,10 @@ def _resolve_workdir(spec: dict[str, Any], job_file: Path) -> None:
 @click.option("--detach", is_flag=True, help="Return once the job is stored, without waiting for its instances.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
               help="Seconds to wait for every instance to be running and passing.")
+@click.option("--min-healthy-time", type=click.FloatRange(min=0), default=MIN_HEALTHY_TIME, show_default=True,
+              help="Seconds every instance must stay running and passing, with no restart, to count as started.")
 @http_addr_option
-def run(client: Client, file: Path, detach: bool, timeout: float) -> None:
+def run(client: Client, file: Path, detach: bool, timeout: float, min_healthy_time: float) -> None:
     """Submit the job in FILE (TOML) and wait until every instance runs and passes its check.
 
     A job with the same name is updated. Exits non-zero with the reason when
@@ -56,20 +61,27 @@ def run(client: Client, file: Path, detach: bool, timeout: float) -> None:
     click.echo(f"==> job {name!r} submitted (version {submitted['Version']})")
     if detach:
         return
-    _wait_for_job(client, name, timeout)
+    _wait_for_job(client, name, timeout, min_healthy_time)
 
 
-def _wait_for_job(client: Client, name: str, timeout: float) -> None:
+def _wait_for_job(client: Client, name: str, timeout: float, min_healthy_time: float) -> None:
     deadline = time.monotonic() + timeout
     index = "0"
     seen: dict[str, str] = {}
+    # When every instance was last seen running and passing, and the tasks and restart counts then.
+    healthy_since: float | None = None
+    healthy_tasks: list[tuple[str, int]] = []
     while True:
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = deadline - now
         if remaining <= 0:
             raise CorralError(f"job {name!r}: timed out after {timeout:g}s; see `corral job status {name}`")
-        wait = max(1, min(int(remaining), 5))
+        wait = min(remaining, 5.0)
+        if healthy_since is not None:
+            wait = min(wait, healthy_since + min_healthy_time - now)
+        wait_ms = max(int(wait * 1000), 10)
         response = client.request(
-            "GET", f"/v1/jobs/{name}", query={"index": index, "wait": f"{wait}s"}, timeout=wait + 10
+            "GET", f"/v1/jobs/{name}", query={"index": index, "wait": f"{wait_ms}ms"}, timeout=wait + 10
         )
         if response.status != 200:
             raise CorralError(f"job {name!r}: {response.body.decode(errors='replace').strip()}")
@@ -87,7 +99,13 @@ def _wait_for_job(client: Client, name: str, timeout: float) -> None:
                 f"{task['Message']}; its output is in the agent's sandbox for the task"
             )
         summary = status["Summary"]
-        if summary["Running"] == summary["Desired"] and summary["Passing"] == summary["Desired"]:
+        if summary["Running"] != summary["Desired"] or summary["Passing"] != summary["Desired"]:
+            healthy_since = None
+            continue
+        tasks = sorted((task["ID"], task["Restarts"]) for task in _current_tasks(status))
+        if healthy_since is None or tasks != healthy_tasks:
+            healthy_since, healthy_tasks = time.monotonic(), tasks
+        if time.monotonic() - healthy_since >= min_healthy_time:
             click.echo(f"==> job {name!r}: {summary['Desired']} of {summary['Desired']} instances running and passing")
             return
 

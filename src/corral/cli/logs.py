@@ -48,7 +48,7 @@ def _copy_response(client: Client, path: str, timeout: float | None) -> None:
             connection.request("GET", path)
             answer = connection.getresponse()
         except (OSError, http.client.HTTPException) as error:
-            raise CorralError(f"cannot reach corral at {client.base_url} ({error})") from None
+            raise CorralError(f"cannot reach corral at {client.base_url} ({error})", unreachable=True) from None
         if answer.status >= 400:
             text = error_text(Response(answer.status, answer.read(), dict(answer.getheaders())))
             raise CorralError(f"GET {path} failed with HTTP {answer.status}: {text}", answer.status, text)
@@ -64,7 +64,8 @@ def _copy_body(client: Client, answer: http.client.HTTPResponse) -> None:
             # read1 returns what has arrived, so each line is printed as the task writes it.
             chunk = answer.read1(64 * 1024)
         except (OSError, http.client.HTTPException) as error:
-            raise CorralError(f"lost the connection to corral at {client.base_url} ({error})") from None
+            raise CorralError(f"lost the connection to corral at {client.base_url} ({error})",
+                              unreachable=True) from None
         if not chunk:
             return
         try:

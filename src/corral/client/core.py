@@ -26,15 +26,17 @@ _BLOCKING_MARGIN = 5.0
 class CorralError(Exception):
     """A request that failed.
 
-    `status` is the HTTP status, or None when the server could not be
-    reached; `text` is the server's error text as Consul sends it (plain
-    text, or the "error" field of corral's own JSON errors).
+    `status` is the HTTP status, or None when there is none; `text` is the
+    server's error text as Consul sends it (plain text, or the "error" field
+    of corral's own JSON errors). `unreachable` is True when no response came
+    because the server could not be reached or the connection broke.
     """
 
-    def __init__(self, message: str, status: int | None = None, text: str = ""):
+    def __init__(self, message: str, status: int | None = None, text: str = "", unreachable: bool = False):
         super().__init__(message)
         self.status = status
         self.text = text
+        self.unreachable = unreachable
 
 
 def parse_address(text: str, flag: str = "HTTP address") -> tuple[str, int]:
@@ -145,4 +147,4 @@ def raise_for_status(request: Request, response: Response) -> Response:
 
 
 def unreachable(base_url: str, reason: object) -> CorralError:
-    return CorralError(f"cannot reach corral at {base_url} ({reason})")
+    return CorralError(f"cannot reach corral at {base_url} ({reason})", unreachable=True)
