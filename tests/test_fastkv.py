@@ -8,8 +8,12 @@ bytes but for the Date header, whichever path served them.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import re
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -119,6 +123,19 @@ SAME_RESPONSE = {
                              b"5\r\nvalue\r\n0\r\n\r\n",
     "put empty key": put("", b"value"),
     "post": b"POST /v1/kv/same/key HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+    "get bare line feeds": b"GET /v1/kv/same/key HTTP/1.1\nHost: t\n\n",
+    "get bare line feed": b"GET /v1/kv/same/key HTTP/1.1\r\nHost: t\n\r\n",
+    "get bare carriage return": get("same/key", b"Accept: a\rb\r\n"),
+    "get space in name": get("same/key", b"Accept Language: en\r\n"),
+    "get control in name": get("same/key", b"Accept\x01: */*\r\n"),
+    "get NUL in value": get("same/key", b"Accept: a\x00b\r\n"),
+    "get DEL in value": get("same/key", b"Accept: a\x7fb\r\n"),
+    "get without host": b"GET /v1/kv/same/key HTTP/1.1\r\n\r\n",
+    "get two hosts": get("same/key", b"host: u\r\n"),
+    "get two user agents": get("same/key", b"User-Agent: a\r\nUser-Agent: b\r\n"),
+    "get too many headers": get("same/key", b"A: b\r\n" * 128),
+    "put two content types": b"PUT /v1/kv/same/key HTTP/1.1\r\nHost: t\r\nContent-Type: a\r\n"
+                             b"Content-Type: b\r\nContent-Length: 5\r\n\r\nvalue",
 }
 
 
@@ -136,6 +153,29 @@ def test_paths_respond_alike(dev, request_bytes):
         fresh.close()
         aiohttp.close()
     assert from_fresh == from_aiohttp
+
+
+# Starts of requests that aiohttp rejects before their head is complete.
+MALFORMED_STARTS = {
+    "not a method": b"value",
+    "lower case version": b"GET /v1/kv/same/key HtTP/1.1\r\nHost: t\r\n",
+    "header without colon": b"GET /v1/kv/same/key HTTP/1.1\r\nHost t\r\n",
+    "bare line feeds": b"GET /v1/kv/same/key HTTP/1.1\nHost: t\n",
+}
+
+
+@pytest.mark.parametrize("start", MALFORMED_STARTS.values(), ids=MALFORMED_STARTS.keys())
+def test_malformed_start_answered_at_once(dev, start):
+    fresh = Connection(dev.http_addr)
+    aiohttp = handed_off(dev.http_addr)
+    try:
+        from_fresh = without_date(fresh.exchange(start))
+        from_aiohttp = without_date(aiohttp.exchange(start))
+    finally:
+        fresh.close()
+        aiohttp.close()
+    assert from_fresh == from_aiohttp
+    assert from_fresh.startswith(b"HTTP/1.0 400 Bad Request\r\n")
 
 
 def test_put_then_get_on_lean_path(dev):
@@ -252,3 +292,79 @@ def test_stop_closes_idle_connections(tmp_path):
     finally:
         for connection in (lean, aiohttp, busy):
             connection.close()
+
+
+def test_gzip_put_stored_decompressed(dev):
+    compressed = gzip.compress(b"unpacked")
+    connection = Connection(dev.http_addr)
+    try:
+        response = connection.exchange(b"PUT /v1/kv/gzip/a HTTP/1.1\r\nHost: t\r\nContent-Encoding: gzip\r\n"
+                                       b"Content-Length: %d\r\n\r\n%s" % (len(compressed), compressed))
+    finally:
+        connection.close()
+    assert response.endswith(b"\r\n\r\ntrue")
+    assert base64.b64decode(dev.get("/v1/kv/gzip/a")[0]["Value"]) == b"unpacked"
+
+
+def test_unread_responses_pause_reading(dev):
+    connection = Connection(dev.http_addr)
+    connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.sock.settimeout(2)
+    requests = get("unread/missing") * 1000
+    sent = 0
+    try:
+        # The responses are never read. Once they fill the socket, the server must stop reading requests
+        # instead of buffering all of them, so sending blocks long before 64 MB.
+        while sent < 64 << 20:
+            connection.send(requests)
+            sent += len(requests)
+    except socket.timeout:
+        pass
+    finally:
+        connection.close()
+    assert sent < 16 << 20
+
+
+def test_stop_skips_pipelined_requests(tmp_path):
+    process = DevProcess(tmp_path / "data", tmp_path / "corral.log")
+    process.start()
+    # A blocking query keeps aiohttp, and so the server, stopping for seconds.
+    blocked = handed_off(process.http_addr)
+    blocked.send(get("stop/blocked?index=1000000&wait=60s"))
+    lean = Connection(process.http_addr)
+    requests = b"".join(put(f"stop/{number}", b"v") for number in range(20000))
+    sender = threading.Thread(target=_send_ignoring_errors, args=(lean, requests))
+
+    try:
+        sender.start()
+        assert lean.response().endswith(b"\r\n\r\ntrue")
+        assert process.process is not None
+        process.process.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+
+        answered = 1
+        while True:
+            try:
+                lean.response()
+            except ConnectionError:
+                break
+            answered += 1
+        closed_after = time.monotonic() - signalled
+
+        assert process.process.wait(timeout=30) == 0, process.log()
+    finally:
+        lean.close()
+        blocked.close()
+        sender.join()
+        if process.process is not None and process.process.poll() is None:
+            process.stop()
+    # The connection closes after the PUT in progress, not after the thousands sent behind it.
+    assert closed_after < 2
+    assert answered < 20000
+
+
+def _send_ignoring_errors(connection: Connection, data: bytes) -> None:
+    try:
+        connection.send(data)
+    except OSError:
+        pass

@@ -8,11 +8,12 @@ the aiohttp handlers in kv.py give:
 - PUT /v1/kv/KEY with no query and a Content-Length body within the value
   size limit.
 
-The first request of any other kind (another path, a query, a chunked body,
-`Expect`, `Connection: close`, HTTP/1.0, a key with bytes other than
-letters, digits and `-._~/`, a malformed head) hands the connection to aiohttp, with every byte not yet
-answered, and aiohttp serves it from then on. Errors therefore keep the
-texts of the aiohttp handlers, which make them in one place.
+The first request of any other kind (another path, a query, a chunked
+body, `Expect`, `Content-Encoding`, `Connection: close`, HTTP/1.0, a key
+with bytes other than letters, digits and `-._~/`, a malformed head) hands
+the connection to aiohttp, with every byte not yet served, and aiohttp
+serves it from then on. Errors therefore keep the texts of the aiohttp
+handlers, which make them in one place.
 
 The reason is speed. aiohttp's request and response objects, its task
 per connection and the middlewares took about half of the event loop's
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -54,6 +56,15 @@ _SWEEP_INTERVAL = 60.0
 # goes to aiohttp, so that a path is decoded the one way aiohttp decodes it.
 _KEY_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
 _SERVER = SERVER_SOFTWARE.encode()
+# Header lines that aiohttp's parser accepts: a token, a colon, and a value of visible
+# characters, spaces, tabs and bytes above 127. Any other line (a bare CR or LF, a
+# control character, a space before the colon, a folded line) goes to aiohttp, which rejects it.
+_HEADER_LINES = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+# The number of header lines beyond which aiohttp rejects a request with 400 (RequestHandler's max_headers).
+_MAX_HEADERS = 128
+# Headers that aiohttp rejects when they come twice (lower case).
+_SINGLETON_HEADERS = frozenset((b"content-location", b"content-range", b"content-type", b"etag", b"host",
+                                b"max-forwards", b"server", b"user-agent"))
 
 
 class _Handoff(Exception):
@@ -143,7 +154,7 @@ class _FastKVProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         self.idle_since = None
-        if self.busy:
+        if self.busy or self.writing_paused:
             if len(self.buffer) > _MAX_BUFFERED and not self.reading_paused and self.transport is not None:
                 self.reading_paused = True
                 self.transport.pause_reading()
@@ -166,11 +177,16 @@ class _FastKVProtocol(asyncio.Protocol):
     # Requests
 
     def _serve(self) -> None:
-        """Answer the complete requests in the buffer, in order, until one must wait for a commit."""
-        while self.buffer and not self.busy and not self.writing_paused and self.transport is not None:
+        """Serve the complete requests in the buffer, in order, until one must wait for a commit."""
+        while (self.buffer and not self.busy and not self.writing_paused and not self.closing
+               and self.transport is not None):
+            handoff = False
             try:
                 request = self._next_request()
             except _Handoff:
+                handoff = True
+            if handoff:
+                # Outside the except clause, so that errors aiohttp logs do not show _Handoff as their context.
                 self._hand_off()
                 return
             if request is None:
@@ -182,39 +198,34 @@ class _FastKVProtocol(asyncio.Protocol):
                 self.busy = True
                 # Held here, because the event loop keeps only a weak reference to a task.
                 self.put_task = asyncio.get_running_loop().create_task(self._put(key, value))
-        if not self.busy:
-            if self.reading_paused and self.transport is not None:
+        if not self.busy and self.transport is not None:
+            if self.closing:
+                # The server is stopping, so requests that came after the one just served are dropped.
+                self.transport.close()
+                return
+            if self.reading_paused and not self.writing_paused:
                 self.reading_paused = False
                 self.transport.resume_reading()
             if not self.buffer:
                 self.idle_since = time.monotonic()
-                if self.closing and self.transport is not None:
-                    self.transport.close()
 
     def _next_request(self) -> tuple[bytes, str, bytes] | None:
         """Take the first request off the buffer: (method, key, body), None while it is incomplete.
 
         Raise _Handoff, leaving the buffer as it is, for a request this path does not serve.
+        NOTE: aiohttp parses all bytes of one read before it answers, so a malformed request
+        behind valid ones in the same read gets only a 400. This path answers the valid ones first.
         """
         buffer = self.buffer
         head_end = buffer.find(b"\r\n\r\n", 0, _MAX_HEAD + 4)
         if head_end < 0:
-            if len(buffer) > _MAX_HEAD:
-                raise _Handoff
+            _check_partial_head(buffer)
             return None
+        line_end = buffer.find(b"\r\n")
+        if _HEADER_LINES.fullmatch(buffer, line_end + 2, head_end + 2) is None:
+            raise _Handoff
         lines = bytes(buffer[:head_end]).split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[2] != b"HTTP/1.1":
-            raise _Handoff
-        method, target = parts[0], parts[1]
-        if method not in (b"GET", b"PUT") or not target.startswith(_PREFIX):
-            raise _Handoff
-        path, _, query = target.partition(b"?")
-        if method == b"GET":
-            if query not in _GET_QUERIES:
-                raise _Handoff
-        elif b"?" in target:
-            raise _Handoff
+        method, path = _request_line(lines[0])
         content_length = self._content_length(lines)
         if content_length is None or (method == b"GET" and content_length) or content_length > self.server.max_value_size:
             raise _Handoff
@@ -228,22 +239,32 @@ class _FastKVProtocol(asyncio.Protocol):
 
     @staticmethod
     def _content_length(lines: list[bytes]) -> int | None:
-        """Return the Content-Length of a head's header lines (0 when absent), or None when aiohttp must read it."""
+        """Return the Content-Length of a head's header lines (0 when absent), or None when aiohttp must read it.
+
+        The lines are known to match _HEADER_LINES.
+        """
+        if len(lines) > _MAX_HEADERS + 1:
+            return None
         length = None
+        singletons: set[bytes] = set()
         for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1:] in b" \t" or line[:1] in b" \t":
-                return None
+            name, _, value = line.partition(b":")
             name = name.lower()
-            if name == b"content-length":
+            if name in _SINGLETON_HEADERS:
+                if name in singletons:
+                    return None
+                singletons.add(name)
+            elif name == b"content-length":
                 value = value.strip(b" \t")
                 if length is not None or not value.isdigit():
                     return None
                 length = int(value)
-            elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+            elif name in (b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"):
                 return None
             elif name == b"connection" and value.strip(b" \t").lower() != b"keep-alive":
                 return None
+        if b"host" not in singletons:
+            return None
         return length or 0
 
     def _hand_off(self) -> None:
@@ -255,6 +276,9 @@ class _FastKVProtocol(asyncio.Protocol):
         protocol = self.server.aiohttp_protocol()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
+        if self.writing_paused:
+            # The transport reports only changes of its write state, so aiohttp's protocol is paused here.
+            protocol.pause_writing()
         if self.reading_paused:
             transport.resume_reading()
         data = bytes(self.buffer)
@@ -315,6 +339,47 @@ class _FastKVProtocol(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+
+def _request_line(line: bytes) -> tuple[bytes, bytes]:
+    """Return the method and the path of a request line, or raise _Handoff unless this path serves it."""
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        raise _Handoff
+    method, target = parts[0], parts[1]
+    if method not in (b"GET", b"PUT") or not target.startswith(_PREFIX):
+        raise _Handoff
+    path, _, query = target.partition(b"?")
+    if method == b"GET":
+        if query not in _GET_QUERIES:
+            raise _Handoff
+    elif b"?" in target:
+        raise _Handoff
+    return method, path
+
+
+def _check_partial_head(buffer: bytearray) -> None:
+    """Raise _Handoff when the start of a head already shows that this path will not serve it.
+
+    aiohttp rejects a malformed line with 400 as soon as it arrives, so the lean path
+    must not wait for the rest of a head that aiohttp has already rejected.
+    """
+    if len(buffer) > _MAX_HEAD:
+        raise _Handoff
+    line_end = buffer.find(b"\r\n")
+    if line_end < 0:
+        start = bytes(buffer[:len(_PREFIX) + 4])
+        if not (b"GET " + _PREFIX).startswith(start) and not (b"PUT " + _PREFIX).startswith(start):
+            raise _Handoff
+        tail = line_end = 0
+    else:
+        _request_line(bytes(buffer[:line_end]))
+        tail = buffer.rfind(b"\r\n") + 2
+        if _HEADER_LINES.fullmatch(buffer, line_end + 2, tail) is None:
+            raise _Handoff
+    # A bare LF, or a CR that is not the last byte received, is malformed wherever it is.
+    if buffer.find(b"\n", tail) >= 0 or buffer.find(b"\r", tail, len(buffer) - 1) >= 0:
+        raise _Handoff
 
 
 def _plain_key(raw: bytes) -> str:
