@@ -328,7 +328,7 @@ def test_unread_responses_pause_reading(dev):
 def test_stop_skips_pipelined_requests(tmp_path):
     process = DevProcess(tmp_path / "data", tmp_path / "corral.log")
     process.start()
-    # A blocking query keeps aiohttp, and so the server, stopping for seconds.
+    # A blocking query, which the server must end when it stops rather than wait for.
     blocked = handed_off(process.http_addr)
     blocked.send(get("stop/blocked?index=1000000&wait=60s"))
     lean = Connection(process.http_addr)
@@ -352,6 +352,8 @@ def test_stop_skips_pipelined_requests(tmp_path):
         closed_after = time.monotonic() - signalled
 
         assert process.process.wait(timeout=30) == 0, process.log()
+        stopped_after = time.monotonic() - signalled
+        released = blocked.response()
     finally:
         lean.close()
         blocked.close()
@@ -361,6 +363,9 @@ def test_stop_skips_pipelined_requests(tmp_path):
     # The connection closes after the PUT in progress, not after the thousands sent behind it.
     assert closed_after < 2
     assert answered < 20000
+    # The blocking query got the missing key's 404 at once, so the stop did not wait for it.
+    assert released.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert stopped_after < 4
 
 
 def _send_ignoring_errors(connection: Connection, data: bytes) -> None:

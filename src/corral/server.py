@@ -152,6 +152,9 @@ class Server:
                 await self.agent.stop()
         self._set_up = False
         await self.dns.stop()
+        # Blocking queries respond now with what they have, instead of holding the
+        # HTTP server's shutdown for HTTP_SHUTDOWN_TIMEOUT.
+        self.state.view.release_waiters()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -188,7 +188,8 @@ async def block(
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
-        await view.wait_for_next_change(prefixes, remaining)
+        if not await view.wait_for_next_change(prefixes, remaining):
+            break
     return current_index()
 
 

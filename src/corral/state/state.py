@@ -226,7 +226,8 @@ class State:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            await self.view.wait_for_next_change(prefixes, remaining)
+            if not await self.view.wait_for_next_change(prefixes, remaining):
+                return
 
     # Jobs
 

@@ -33,6 +33,8 @@ class View:
         self._revision_waiters: list[tuple[int, asyncio.Future]] = []
         self._listeners: list[Listener] = []
         self._task: asyncio.Task | None = None
+        # Set by release_waiters when the server stops: waits for changes then end at once.
+        self._released = False
 
     async def start(self) -> None:
         if self._task is not None:
@@ -47,6 +49,18 @@ class View:
         self._index_floor = revision
         self._task = asyncio.create_task(self._follow(revision + 1), name="view-watch")
         log.info("view loaded keys=%d revision=%d", len(self._data), revision)
+
+    def release_waiters(self) -> None:
+        """End every wait for a change now and every later one at once, so that blocking queries respond.
+
+        The server calls this when it stops, so that its HTTP server does not
+        wait for blocking queries that could otherwise run for minutes.
+        """
+        self._released = True
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_result(None)
+        self._waiters = []
 
     async def stop(self) -> None:
         if self._task is None:
@@ -161,7 +175,7 @@ class View:
         deadline = loop.time() + timeout
         while self.index(prefix) <= index:
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or self._released:
                 return
             future = loop.create_future()
             self._waiters.append((prefix, future))
@@ -172,7 +186,12 @@ class View:
                 return
 
     async def wait_for_next_change(self, prefixes: tuple[bytes, ...], timeout: float) -> bool:
-        """Wait for the next write under any of `prefixes`; return False after `timeout` seconds."""
+        """Wait for the next write under any of `prefixes`.
+
+        Return False after `timeout` seconds, or at once when the waiters were released.
+        """
+        if self._released:
+            return False
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         for prefix in prefixes:
@@ -182,7 +201,7 @@ class View:
                 await future
         except TimeoutError:
             return False
-        return True
+        return not self._released
 
     async def wait_for_revision(self, revision: int, timeout: float = 10.0) -> None:
         """Return once the view has applied `revision`, so a writer reads its own write."""
