@@ -139,19 +139,23 @@ SAME_RESPONSE = {
 }
 
 
+def on_both_paths(address: str, request_bytes: bytes) -> tuple[bytes, bytes]:
+    """Send `request_bytes` on a fresh connection and on a handed-off one; return both responses without Date."""
+    fresh = Connection(address)
+    aiohttp = handed_off(address)
+    try:
+        return without_date(fresh.exchange(request_bytes)), without_date(aiohttp.exchange(request_bytes))
+    finally:
+        fresh.close()
+        aiohttp.close()
+
+
 @pytest.mark.parametrize("request_bytes", SAME_RESPONSE.values(), ids=SAME_RESPONSE.keys())
 def test_paths_respond_alike(dev, request_bytes):
     setup = Connection(dev.http_addr)
     assert setup.exchange(put("same/key", b"value")).endswith(b"\r\n\r\ntrue")
     setup.close()
-    fresh = Connection(dev.http_addr)
-    aiohttp = handed_off(dev.http_addr)
-    try:
-        from_fresh = without_date(fresh.exchange(request_bytes))
-        from_aiohttp = without_date(aiohttp.exchange(request_bytes))
-    finally:
-        fresh.close()
-        aiohttp.close()
+    from_fresh, from_aiohttp = on_both_paths(dev.http_addr, request_bytes)
     assert from_fresh == from_aiohttp
 
 
@@ -166,14 +170,7 @@ MALFORMED_STARTS = {
 
 @pytest.mark.parametrize("start", MALFORMED_STARTS.values(), ids=MALFORMED_STARTS.keys())
 def test_malformed_start_answered_at_once(dev, start):
-    fresh = Connection(dev.http_addr)
-    aiohttp = handed_off(dev.http_addr)
-    try:
-        from_fresh = without_date(fresh.exchange(start))
-        from_aiohttp = without_date(aiohttp.exchange(start))
-    finally:
-        fresh.close()
-        aiohttp.close()
+    from_fresh, from_aiohttp = on_both_paths(dev.http_addr, start)
     assert from_fresh == from_aiohttp
     assert from_fresh.startswith(b"HTTP/1.0 400 Bad Request\r\n")
 
@@ -361,11 +358,12 @@ def test_stop_skips_pipelined_requests(tmp_path):
         if process.process is not None and process.process.poll() is None:
             process.stop()
     # The connection closes after the PUT in progress, not after the thousands sent behind it.
-    assert closed_after < 2
+    assert closed_after < 4
     assert answered < 20000
-    # The blocking query got the missing key's 404 at once, so the stop did not wait for it.
+    # The blocking query got the missing key's 404 at once, so the stop did not wait
+    # the 5 s that aiohttp gives running handlers.
     assert released.startswith(b"HTTP/1.1 404 Not Found\r\n")
-    assert stopped_after < 4
+    assert stopped_after < 4.5
 
 
 def _send_ignoring_errors(connection: Connection, data: bytes) -> None:
