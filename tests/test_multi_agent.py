@@ -360,6 +360,9 @@ def test_killed_agent_tasks_lost(cluster):
     tasks = cluster.get("/v1/tasks")
     states = {task["State"] for task in tasks if task["Node"] == "a1"}
     assert states == {"LOST"}
+    # Their own HTTP check last passed, but a1's serfHealth is critical.
+    healths = {task["Health"] for task in tasks if task["Node"] == "a1"}
+    assert healths == {"critical"}
 
 
 def test_killed_agent_listed_failed(cluster):

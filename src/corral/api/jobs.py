@@ -48,10 +48,15 @@ def check_fits_some_agent(job: Job, state: State) -> None:
 
 
 def task_health(state: State, task: Task) -> str:
-    """Return the worst status of the task's service checks, or "" when it has none."""
-    statuses = [
-        check.status for check in state.checks(task.node) if check.service_id == task.id
-    ]
+    """Return the worst status of the task's service checks and its node's checks, or "" when it has no check.
+
+    As in Consul's health of a service instance, the node's checks count too,
+    so the tasks of a failed agent turn critical with its serfHealth check.
+    """
+    checks = state.checks(task.node)
+    statuses = [check.status for check in checks if check.service_id == task.id]
+    if statuses:
+        statuses += [check.status for check in checks if not check.service_id]
     for status in (CheckStatus.CRITICAL, CheckStatus.WARNING, CheckStatus.PASSING):
         if status in statuses:
             return status.value
