@@ -193,6 +193,14 @@ def test_frameworks_match_endpoint(cluster, framework):
     assert "25.0%" in row
 
 
+def test_job_scheduler_listed(cluster, framework):
+    frameworks = {entry["ID"]: entry for entry in json.loads(cluster.cli("frameworks", "--json").stdout)}
+    assert frameworks["corral-jobs"]["Role"] == "corral-jobs"
+    assert frameworks["corral-jobs"]["Connected"] is True
+    roles = {entry["Role"]: entry for entry in json.loads(cluster.cli("roles", "--json").stdout)}
+    assert roles["corral-jobs"]["Frameworks"] == ["corral-jobs"]
+
+
 def test_roles_match_endpoint(cluster, framework):
     result = cluster.cli("roles", "--json")
     assert result.returncode == 0, result.stderr

@@ -1231,6 +1231,9 @@ class Allocator:
         """
         return {role: self._role_sorter.dominant_share(role) for role in self._role_sorter.names()}
 
+    def framework_suppressed(self, framework_id: str) -> bool:
+        return self._framework(framework_id).suppressed
+
     def framework_dominant_share(self, framework_id: str) -> float:
         framework = self._framework(framework_id)
         return self._roles[framework.role].frameworks.dominant_share(framework_id)

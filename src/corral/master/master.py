@@ -256,6 +256,7 @@ class Master:
         self._changes: deque[list[Event]] = deque()
         # The event stream of corral's own job scheduler, when it places through offers.
         self._jobs_subscription: Subscription | None = None
+        self._jobs_subscribed_at = 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -652,6 +653,7 @@ class Master:
             self._jobs_subscription.close()
         subscription = Subscription(JOBS_FRAMEWORK_ID)
         self._jobs_subscription = subscription
+        self._jobs_subscribed_at = time.time()
         self.allocator.suppress(JOBS_FRAMEWORK_ID)
         self.allocator.activate_framework(JOBS_FRAMEWORK_ID)
         subscription.send(protocol.subscribed_event(JOBS_FRAMEWORK_ID, self.config.heartbeat_interval,
@@ -1279,15 +1281,34 @@ class Master:
     # --- Operator views -------------------------------------------------------------------------------------
 
     def frameworks_view(self) -> list[dict[str, Any]]:
-        """Return the frameworks as GET /v1/frameworks lists them."""
+        """Return the frameworks as GET /v1/frameworks lists them, corral's job scheduler first while it runs."""
         offered: dict[str, Resources] = {}
         for offer in self.allocator.outstanding_offers():
             offered[offer.framework_id] = offered.get(offer.framework_id, EMPTY) + offer.total
         tasks: dict[str, int] = {}
         for task in self.state.tasks():
-            if task.framework_id and not task.ended:
-                tasks[task.framework_id] = tasks.get(task.framework_id, 0) + 1
+            if not task.ended:
+                # Job tasks carry no framework id: they are the job scheduler's.
+                owner = task.framework_id or JOBS_FRAMEWORK_ID
+                tasks[owner] = tasks.get(owner, 0) + 1
         result = []
+        if self._jobs_subscription is not None:
+            result.append({
+                "ID": JOBS_FRAMEWORK_ID,
+                "Name": JOBS_FRAMEWORK_ID,
+                "Role": JOBS_ROLE,
+                "Active": True,
+                "Connected": True,
+                "Suppressed": self.allocator.framework_suppressed(JOBS_FRAMEWORK_ID),
+                "Tasks": tasks.get(JOBS_FRAMEWORK_ID, 0),
+                "Used": protocol.resources_summary(self.allocator.used_resources(JOBS_FRAMEWORK_ID)),
+                "Offered": protocol.resources_summary(offered.get(JOBS_FRAMEWORK_ID, EMPTY)),
+                "DominantShare": self.allocator.framework_dominant_share(JOBS_FRAMEWORK_ID),
+                "RegisteredAt": self._jobs_subscribed_at,
+                "FailoverTimeout": 0.0,
+                "User": "",
+                "Capabilities": [],
+            })
         for framework in sorted(self.frameworks.values(), key=lambda item: item.record.registered_at):
             record = framework.record
             result.append({
@@ -1312,6 +1333,8 @@ class Master:
         """Return the roles of the frameworks and of the configured weights, as GET /v1/roles lists them."""
         shares = self.allocator.dominant_shares()
         members: dict[str, list[str]] = {}
+        if self._jobs_subscription is not None:
+            members[JOBS_ROLE] = [JOBS_FRAMEWORK_ID]
         for framework in self.frameworks.values():
             members.setdefault(framework.record.role, []).append(framework.id)
         used: dict[str, Resources] = {}
