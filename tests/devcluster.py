@@ -13,27 +13,60 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from collections.abc import Callable
+from typing import Any
+
 import dns.message
 import dns.query
 import dns.rdatatype
 import psutil
 
+from corral.server import ListenError
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+# Ports this process has handed out. Once a probe socket is closed, the kernel may
+# pick its port again, so two servers of one test (HTTP and DNS) could get the same port.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a port that is free on 127.0.0.1 for both TCP and UDP."""
+    """Return a port that is free on 127.0.0.1 for both TCP and UDP and not handed out before."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind(("127.0.0.1", 0))
             port = tcp.getsockname()[1]
+            if port in _HANDED_OUT:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
                     udp.bind(("127.0.0.1", port))
                 except OSError:
                     continue
+        _HANDED_OUT.add(port)
         return port
     raise RuntimeError("no port is free for both TCP and UDP on 127.0.0.1")
+
+
+async def start_on_free_ports(make_cluster: Callable[[int, int], Any], attempts: int = 3) -> Any:
+    """Start the in-process cluster that make_cluster(http_port, dns_port) builds, on free ports.
+
+    A port free when chosen can be taken before the server binds it (by a
+    client connection's local port, for one), so a ListenError is retried on
+    new ports.
+    """
+    for attempt in range(attempts):
+        cluster = make_cluster(free_port(), free_port())
+        try:
+            await cluster.start()
+        except ListenError:
+            await cluster.stop()
+            if attempt == attempts - 1:
+                raise
+            continue
+        return cluster
+    raise AssertionError("unreachable")
 
 
 def wait_until(condition, timeout: float, what: str):

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from corral.agent.registry import RegistryConfig
 from corral.dev import DevCluster, DevConfig
-from devcluster import DevProcess, free_port, wait_until
+from devcluster import DevProcess, free_port, start_on_free_ports, wait_until
 
 HOST = "127.0.0.1"
 NODE = "agent-test"
@@ -87,23 +87,19 @@ async def start_agent(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[A
     started: list[Agent] = []
 
     async def start(registry: RegistryConfig = FAST_REGISTRY) -> Agent:
-        config = DevConfig(
-            data_dir=tmp_path / f"cluster-{len(started)}",
-            http_port=free_port(),
-            dns_port=free_port(),
-            node=NODE,
-            cpus=2.0,
-            memory=512,
-            registry=registry,
-        )
-        cluster = DevCluster(config)
+        def make_cluster(http_port: int, dns_port: int) -> DevCluster:
+            return DevCluster(DevConfig(
+                data_dir=tmp_path / f"cluster-{len(started)}",
+                http_port=http_port,
+                dns_port=dns_port,
+                node=NODE,
+                cpus=2.0,
+                memory=512,
+                registry=registry,
+            ))
+
+        cluster = await start_on_free_ports(make_cluster)
         session = aiohttp.ClientSession()
-        try:
-            await cluster.start()
-        except BaseException:
-            await session.close()
-            await cluster.stop()
-            raise
         started.append(Agent(cluster, session))
         return started[-1]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +23,7 @@ import consul
 import psutil
 import pytest
 import yarl
+from devcluster import start_on_free_ports
 
 from corral.api.kv import MAX_VALUE_SIZE
 from corral.dev import DevCluster, DevConfig
@@ -36,25 +36,6 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 GREETING_KEY = "config/hello-web/greeting"
 GREETING = "Hello from the API tests"
 WAIT_TIMEOUT = 15.0
-
-
-def free_port() -> int:
-    """Return a port on 127.0.0.1 that was free for both TCP and UDP a moment ago.
-
-    The kernel picks the TCP port, and it avoids ports that TIME_WAIT
-    connections still hold, which a listening socket cannot bind.
-    """
-    for _ in range(20):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no port on 127.0.0.1 is free for both TCP and UDP")
 
 
 def live_group_members(pgid: int) -> list[psutil.Process]:
@@ -184,24 +165,20 @@ async def start_api(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Api
     async def start(**overrides: Any) -> Api:
         settings: dict[str, Any] = {"memory": AGENT_MEMORY_MB, "cpus": 4.0}
         settings.update(overrides)
-        config = DevConfig(
-            data_dir=tmp_path / f"cluster-{len(started)}",
-            http_host=HOST,
-            http_port=free_port(),
-            dns_host=HOST,
-            dns_port=free_port(),
-            node=NODE,
-            datacenter=DATACENTER,
-            **settings,
-        )
-        cluster = DevCluster(config)
+        def make_cluster(http_port: int, dns_port: int) -> DevCluster:
+            return DevCluster(DevConfig(
+                data_dir=tmp_path / f"cluster-{len(started)}",
+                http_host=HOST,
+                http_port=http_port,
+                dns_host=HOST,
+                dns_port=dns_port,
+                node=NODE,
+                datacenter=DATACENTER,
+                **settings,
+            ))
+
+        cluster = await start_on_free_ports(make_cluster)
         session = aiohttp.ClientSession()
-        try:
-            await cluster.start()
-        except BaseException:
-            await session.close()
-            await cluster.stop()
-            raise
         api = Api(cluster, session)
         started.append(api)
         return api
