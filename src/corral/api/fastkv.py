@@ -8,16 +8,16 @@ the aiohttp handlers in kv.py give:
 - PUT /v1/kv/KEY with no query and a Content-Length body within the value
   size limit.
 
-The first request of any other kind (another path, a query, a chunked
-body, `Expect`, `Content-Encoding`, `Connection: close`, HTTP/1.0, a key
-with bytes other than letters, digits and `-._~/`, a malformed head) hands
-the connection to aiohttp, with every byte not yet served, and aiohttp
-serves it from then on. Errors therefore keep the texts of the aiohttp
-handlers, which make them in one place.
+The first request of any other kind hands the connection to aiohttp, with
+every byte not yet served, and aiohttp serves it from then on. Such requests
+are those with another path, a query, a chunked body, `Expect`,
+`Content-Encoding`, `Connection: close`, HTTP/1.0, a key with bytes other
+than letters, digits and `-._~/`, or a malformed head. Errors therefore keep
+the texts of the aiohttp handlers, which make them in one place.
 
 The reason is speed. aiohttp's request and response objects, its task
 per connection and the middlewares took about half of the event loop's
-time for a PUT: with wrk writing 10,000 keys over 64 connections, the
+time for a PUT. With wrk writing 10,000 keys over 64 connections, the
 event loop thread used about 100 microseconds of CPU per PUT before and 48
 on this path, and the PUTs per second went from about 8,500 to 15,000.
 """
@@ -45,7 +45,7 @@ ROUTE = "/v1/kv/{key}"
 _PREFIX = b"/v1/kv/"
 # Queries of reads that every consistency mode serves from the same in-memory view.
 _GET_QUERIES = (b"", b"stale", b"consistent")
-# The longest request head this path reads; aiohttp applies its own limits to longer ones.
+# The longest request head this path reads (aiohttp's limit for one line). Longer heads go to aiohttp.
 _MAX_HEAD = 8190
 # Request bytes buffered while a write is in progress, beyond which reading pauses.
 _MAX_BUFFERED = 1 << 20
@@ -213,8 +213,8 @@ class _FastKVProtocol(asyncio.Protocol):
         """Take the first request off the buffer: (method, key, body), None while it is incomplete.
 
         Raise _Handoff, leaving the buffer as it is, for a request this path does not serve.
-        NOTE: aiohttp parses all bytes of one read before it answers, so a malformed request
-        behind valid ones in the same read gets only a 400. This path answers the valid ones first.
+        NOTE: aiohttp parses all bytes of one read before it responds, so a malformed request
+        behind valid ones in the same read gets only a 400. This path serves the valid ones first.
         """
         buffer = self.buffer
         head_end = buffer.find(b"\r\n\r\n", 0, _MAX_HEAD + 4)
