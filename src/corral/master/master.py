@@ -1291,41 +1291,33 @@ class Master:
                 # Job tasks carry no framework id: they are the job scheduler's.
                 owner = task.framework_id or JOBS_FRAMEWORK_ID
                 tasks[owner] = tasks.get(owner, 0) + 1
-        result = []
+        # (id, name, role, connected, suppressed, registered at, failover timeout, user, capabilities)
+        entries = []
         if self._jobs_subscription is not None:
-            result.append({
-                "ID": JOBS_FRAMEWORK_ID,
-                "Name": JOBS_FRAMEWORK_ID,
-                "Role": JOBS_ROLE,
-                "Active": True,
-                "Connected": True,
-                "Suppressed": self.allocator.framework_suppressed(JOBS_FRAMEWORK_ID),
-                "Tasks": tasks.get(JOBS_FRAMEWORK_ID, 0),
-                "Used": protocol.resources_summary(self.allocator.used_resources(JOBS_FRAMEWORK_ID)),
-                "Offered": protocol.resources_summary(offered.get(JOBS_FRAMEWORK_ID, EMPTY)),
-                "DominantShare": self.allocator.framework_dominant_share(JOBS_FRAMEWORK_ID),
-                "RegisteredAt": self._jobs_subscribed_at,
-                "FailoverTimeout": 0.0,
-                "User": "",
-                "Capabilities": [],
-            })
+            entries.append((JOBS_FRAMEWORK_ID, JOBS_FRAMEWORK_ID, JOBS_ROLE, True,
+                            self.allocator.framework_suppressed(JOBS_FRAMEWORK_ID), self._jobs_subscribed_at,
+                            0.0, "", []))
         for framework in sorted(self.frameworks.values(), key=lambda item: item.record.registered_at):
             record = framework.record
+            entries.append((record.id, record.name, record.role, framework.connected, framework.suppressed,
+                            record.registered_at, record.failover_timeout, record.user, list(record.capabilities)))
+        result = []
+        for framework_id, name, role, connected, suppressed, registered_at, failover, user, capabilities in entries:
             result.append({
-                "ID": record.id,
-                "Name": record.name,
-                "Role": record.role,
-                "Active": framework.connected,
-                "Connected": framework.connected,
-                "Suppressed": framework.suppressed,
-                "Tasks": tasks.get(record.id, 0),
-                "Used": protocol.resources_summary(self.allocator.used_resources(record.id)),
-                "Offered": protocol.resources_summary(offered.get(record.id, EMPTY)),
-                "DominantShare": self.allocator.framework_dominant_share(record.id),
-                "RegisteredAt": record.registered_at,
-                "FailoverTimeout": record.failover_timeout,
-                "User": record.user,
-                "Capabilities": list(record.capabilities),
+                "ID": framework_id,
+                "Name": name,
+                "Role": role,
+                "Active": connected,
+                "Connected": connected,
+                "Suppressed": suppressed,
+                "Tasks": tasks.get(framework_id, 0),
+                "Used": protocol.resources_summary(self.allocator.used_resources(framework_id)),
+                "Offered": protocol.resources_summary(offered.get(framework_id, EMPTY)),
+                "DominantShare": self.allocator.framework_dominant_share(framework_id),
+                "RegisteredAt": registered_at,
+                "FailoverTimeout": failover,
+                "User": user,
+                "Capabilities": capabilities,
             })
         return result
 
